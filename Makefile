@@ -1,0 +1,23 @@
+# The two set-up commands of the README: `make serve` and `make test`.
+# Both first install libtorch (PyPI wheel torch==2.13.0) into .venv when missing.
+SHELL := /bin/bash
+
+.PHONY: env serve test bench parity-vit-b
+
+env:
+	@scripts/setup-env.sh
+
+serve: env
+	cargo run --release -- serve
+
+test: env
+	cargo test
+
+# Speed and memory against the official package, side by side (see BENCHMARKS.md).
+bench: env
+	scripts/bench.sh
+
+# Full-size vit_b parity with the official predictor (random weights), by hand: about 3 minutes.
+parity-vit-b: env
+	.venv/bin/python scripts/make_golden.py --variant vit_b --out target/golden-vit_b
+	cargo run --release -- parity --golden target/golden-vit_b

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Benchmarks SkinSAM against the official segment-anything package in one run, on the same
+# machine, image, prompt and random weights. Writes target/bench/results.jsonl and prints it.
+# VARIANTS="vit_b vit_l vit_h" (default), PRECISIONS="fp32 bf16" (default), DEVICE=auto.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VARIANTS=${VARIANTS:-"vit_b vit_l vit_h"}
+PRECISIONS=${PRECISIONS:-"fp32 bf16"}
+DEVICE=${DEVICE:-auto}
+IMAGE=tests/fixtures/images/ISIC_0024311.png   # a 600x450 HAM10000 original
+BOX=71,105,514,409
+POINT=289,255
+out=target/bench
+mkdir -p "$out"
+: > "$out/results.jsonl"
+cargo build --release -q
+for v in $VARIANTS; do
+  ckpt="$out/sam_$v.pth"
+  if [ ! -f "$ckpt" ]; then
+    .venv/bin/python - "$v" "$ckpt" <<'PY'
+import sys, torch
+from segment_anything import sam_model_registry
+torch.manual_seed(0)
+torch.save(sam_model_registry[sys.argv[1]]().state_dict(), sys.argv[2] + ".tmp")
+import os; os.replace(sys.argv[2] + ".tmp", sys.argv[2])
+PY
+  fi
+  .venv/bin/python scripts/bench_official.py --variant "$v" --checkpoint "$ckpt" --image $IMAGE --box $BOX --point $POINT \
+    | tee -a "$out/results.jsonl"
+  for p in $PRECISIONS; do
+    target/release/skinsam bench --variant "$v" --checkpoint "$ckpt" --image $IMAGE --box $BOX --point $POINT \
+      --precision "$p" --device "$DEVICE" | tee -a "$out/results.jsonl"
+  done
+  for p in $PRECISIONS; do
+    [ "$p" = fp32 ] && continue
+    target/release/skinsam precision-agreement --variant "$v" --checkpoint "$ckpt" --precision "$p" --device "$DEVICE" \
+      --data "${AGREEMENT_DATA:-../shared/data/ham10000}" --n "${AGREEMENT_N:-20}" | tee -a "$out/results.jsonl"
+  done
+done

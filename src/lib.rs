@@ -1,0 +1,12 @@
+//! SkinSAM Serve: Segment Anything models for skin-lesion segmentation on libtorch.
+
+pub mod error;
+pub mod image_io;
+pub mod model;
+pub mod predictor;
+
+pub use error::{Error, Result};
+pub mod parity;
+pub mod device;
+pub mod bench;
+pub mod resize;

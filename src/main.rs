@@ -1,0 +1,192 @@
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use skinsam::device::parse_device;
+use skinsam::model::{checkpoint, Precision, Sam, SamVariant};
+use skinsam::parity;
+use skinsam::predictor::{PointPrompt, Predictor, Prompt};
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Parser)]
+#[command(name = "skinsam", version, about = "SkinSAM Serve: Segment Anything for skin lesions")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Compare against golden outputs of the official package (scripts/make_golden.py).
+    Parity {
+        #[arg(long, default_value = "tests/fixtures/golden")]
+        golden: PathBuf,
+        #[arg(long, default_value = "auto")]
+        device: String,
+        #[arg(long, default_value = "fp32")]
+        precision: Precision,
+        /// Fail unless logits agree within this and masks reach --min-mask-iou.
+        #[arg(long, default_value_t = 1e-3)]
+        max_logit_diff: f64,
+        #[arg(long, default_value_t = 0.999)]
+        min_mask_iou: f64,
+    },
+    /// Convert a checkpoint (.pth or .safetensors) to safetensors, checked strictly against the variant.
+    Convert {
+        #[arg(long)]
+        variant: SamVariant,
+        input: PathBuf,
+        output: PathBuf,
+    },
+    /// Segment one image file locally (no server): writes the best mask as a PNG.
+    Predict {
+        image: PathBuf,
+        #[arg(long)]
+        variant: SamVariant,
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// x0,y0,x1,y1 in image pixels.
+        #[arg(long, value_parser = parse_floats::<4>)]
+        r#box: Option<[f32; 4]>,
+        /// x,y of a foreground point (repeatable).
+        #[arg(long, value_parser = parse_floats::<2>)]
+        point: Vec<[f32; 2]>,
+        #[arg(long, default_value = "mask.png")]
+        out: PathBuf,
+        #[arg(long, default_value = "auto")]
+        device: String,
+        #[arg(long, default_value = "fp32")]
+        precision: Precision,
+    },
+    /// Time set_image and a box + point predict (see scripts/bench.sh); prints JSON.
+    Bench {
+        #[arg(long)]
+        variant: SamVariant,
+        /// Random weights when absent.
+        #[arg(long)]
+        checkpoint: Option<PathBuf>,
+        #[arg(long)]
+        image: PathBuf,
+        #[arg(long, value_parser = parse_floats::<4>)]
+        r#box: [f32; 4],
+        #[arg(long, value_parser = parse_floats::<2>)]
+        point: [f32; 2],
+        #[arg(long, default_value = "fp32")]
+        precision: Precision,
+        #[arg(long, default_value = "auto")]
+        device: String,
+        #[arg(long, default_value_t = 3)]
+        embed_repeat: usize,
+        #[arg(long, default_value_t = 30)]
+        predict_repeat: usize,
+        /// libtorch intra-op threads (0: libtorch's default, one per core).
+        #[arg(long, default_value_t = 0)]
+        threads: i32,
+    },
+    /// Mask agreement of a reduced precision with fp32 on real images (HAM10000 layout); prints JSON.
+    PrecisionAgreement {
+        #[arg(long)]
+        variant: SamVariant,
+        #[arg(long)]
+        checkpoint: Option<PathBuf>,
+        #[arg(long)]
+        precision: Precision,
+        /// A folder with images/ and masks/<stem>_segmentation.png.
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long, default_value_t = 20)]
+        n: usize,
+        #[arg(long, default_value = "auto")]
+        device: String,
+    },
+}
+
+fn parse_floats<const N: usize>(s: &str) -> Result<[f32; N], String> {
+    let v: Vec<f32> = s.split(',').map(|p| p.trim().parse::<f32>().map_err(|e| format!("{p:?}: {e}"))).collect::<Result<_, _>>()?;
+    v.try_into().map_err(|v: Vec<f32>| format!("expected {N} comma-separated numbers, got {}", v.len()))
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).init();
+    match Cli::parse().command {
+        Command::Parity { golden, device, precision, max_logit_diff, min_mask_iou } => {
+            let device = parse_device(&device)?;
+            let t = Instant::now();
+            let r = parity::check_golden(&golden, device, precision)?;
+            println!("{}", serde_json::to_string_pretty(&r)?);
+            eprintln!(
+                "{} {:?} on {:?}: features max|d| {:.2e}, low-res logits max|d| {:.2e}, IoU pred max|d| {:.2e}, min mask IoU {:.5}, resize max|d| {} ({:.3}% differ) in {:.1}s",
+                r.variant, precision, device, r.features_max_abs, r.low_res_max_abs, r.iou_max_abs, r.mask_iou_min,
+                r.resize_max_abs, 100.0 * r.resize_mismatch_fraction, t.elapsed().as_secs_f64()
+            );
+            if r.low_res_max_abs > max_logit_diff || r.mask_iou_min < min_mask_iou {
+                bail!("parity check failed (limits: logits {max_logit_diff}, mask IoU {min_mask_iou})");
+            }
+        }
+        Command::Convert { variant, input, output } => {
+            let (sam, ckpt) = Sam::load(variant, &input, tch::Device::Cpu)?;
+            checkpoint::save_safetensors(&sam.vs, &output)?;
+            println!("{} ({} tensors, sha256 {}) -> {}", input.display(), ckpt.num_tensors, ckpt.sha256, output.display());
+        }
+        Command::Predict { image, variant, checkpoint, r#box, point, out, device, precision } => {
+            let device = parse_device(&device)?;
+            let bytes = std::fs::read(&image).with_context(|| format!("reading {}", image.display()))?;
+            let img = skinsam::image_io::decode_rgb(&bytes, "image", 100_000_000)?;
+            let (mut sam, ckpt) = Sam::load(variant, &checkpoint, device)?;
+            sam.set_precision(precision);
+            eprintln!("loaded {variant} from {} (sha256 {})", checkpoint.display(), ckpt.sha256);
+            let predictor = Predictor::new(sam);
+            let t = Instant::now();
+            let emb = predictor.set_image(&img)?;
+            let t_embed = t.elapsed();
+            let prompt = Prompt {
+                points: point.iter().map(|p| PointPrompt { x: p[0], y: p[1], label: 1 }).collect(),
+                bbox: r#box,
+                mask_input: None,
+            };
+            let t = Instant::now();
+            let pred = predictor.predict(&emb, &[prompt], true)?.remove(0);
+            let t_predict = t.elapsed();
+            let mask = pred.masks.get(pred.best as i64).to_kind(tch::Kind::Uint8) * 255;
+            let (h, w) = (mask.size()[0] as u32, mask.size()[1] as u32);
+            let buf = Vec::<u8>::try_from(mask.flatten(0, -1))?;
+            image::GrayImage::from_raw(w, h, buf).context("mask buffer")?.save(&out)?;
+            eprintln!(
+                "embed {:.0} ms, predict {:.1} ms, scores {:?}, best {}{} -> {}",
+                t_embed.as_secs_f64() * 1e3,
+                t_predict.as_secs_f64() * 1e3,
+                pred.iou_predictions,
+                pred.best,
+                if pred.clipped { " (prompt clipped to the image)" } else { "" },
+                out.display()
+            );
+        }
+        Command::Bench { variant, checkpoint, image, r#box, point, precision, device, embed_repeat, predict_repeat, threads } => {
+            if threads > 0 {
+                tch::set_num_threads(threads);
+            }
+            let r = skinsam::bench::time_predictor(skinsam::bench::TimingArgs {
+                variant,
+                checkpoint: checkpoint.as_deref(),
+                device: parse_device(&device)?,
+                precision,
+                image: &image,
+                prompt: Prompt { points: vec![PointPrompt { x: point[0], y: point[1], label: 1 }], bbox: Some(r#box), mask_input: None },
+                embed_repeat,
+                predict_repeat,
+            })?;
+            println!("{}", serde_json::to_string(&r)?);
+        }
+        Command::PrecisionAgreement { variant, checkpoint, precision, data, n, device } => {
+            let mut pairs = Vec::new();
+            let mut names: Vec<_> = std::fs::read_dir(data.join("images"))?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+            names.sort();
+            for img in names.into_iter().take(n) {
+                let stem = img.file_stem().and_then(|s| s.to_str()).context("image name")?.to_owned();
+                pairs.push((img, data.join("masks").join(format!("{stem}_segmentation.png"))));
+            }
+            let r = skinsam::bench::precision_agreement(variant, checkpoint.as_deref(), parse_device(&device)?, precision, &pairs)?;
+            println!("{}", serde_json::to_string(&r)?);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,185 @@
+//! ViT image encoder (segment_anything/modeling/image_encoder.py): 16-px patches, absolute
+//! position embedding, windowed attention with global blocks, decomposed relative position bias,
+//! and a neck down to the prompt embedding width.
+
+use super::common::{Activation, LayerNorm2d, MlpBlock};
+use super::variant::SamConfig;
+use tch::nn;
+use tch::Tensor;
+
+#[derive(Debug)]
+struct Attention {
+    qkv: nn::Linear,
+    proj: nn::Linear,
+    rel_pos_h: Tensor,
+    rel_pos_w: Tensor,
+    num_heads: i64,
+}
+
+impl Attention {
+    /// `input_size` is the token grid this attention sees: the window, or the whole grid for
+    /// global blocks; the relative position tables are sized from it (2 * size - 1 rows).
+    fn new(p: &nn::Path, dim: i64, num_heads: i64, input_size: i64) -> Self {
+        let head_dim = dim / num_heads;
+        Self {
+            qkv: nn::linear(p / "qkv", dim, dim * 3, Default::default()),
+            proj: nn::linear(p / "proj", dim, dim, Default::default()),
+            rel_pos_h: p.var("rel_pos_h", &[2 * input_size - 1, head_dim], nn::Init::Const(0.0)),
+            rel_pos_w: p.var("rel_pos_w", &[2 * input_size - 1, head_dim], nn::Init::Const(0.0)),
+            num_heads,
+        }
+    }
+
+    /// x: (B, H, W, C) -> (B, H, W, C).
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let (b, h, w, c) = x.size4().expect("attention input is BHWC");
+        let n = h * w;
+        let heads = self.num_heads;
+        let head_dim = c / heads;
+        // (3, B, heads, N, head_dim) without materialising a transposed copy of all three.
+        let qkv = x.apply(&self.qkv).reshape([b, n, 3, heads, head_dim]).permute([2, 0, 3, 1, 4]);
+        let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
+        // Decomposed relative position bias, computed from the unscaled queries as upstream.
+        let rh = rel_pos_table(h, &self.rel_pos_h);
+        let rw = rel_pos_table(w, &self.rel_pos_w);
+        let r_q = q.reshape([b * heads, h, w, head_dim]);
+        let rel_h = Tensor::einsum("bhwc,hkc->bhwk", &[&r_q, &rh], None::<i64>);
+        let rel_w = Tensor::einsum("bhwc,wkc->bhwk", &[&r_q, &rw], None::<i64>);
+        let bias = (rel_h.unsqueeze(-1) + rel_w.unsqueeze(-2)).reshape([b, heads, n, n]);
+        // Fused attention: the bias is the additive mask; the default scale is head_dim^-0.5,
+        // as in the official code.
+        let out = Tensor::scaled_dot_product_attention(&q, &k, &v, Some(&bias), 0.0, false, None, false);
+        out.permute([0, 2, 1, 3]).reshape([b, h, w, c]).apply(&self.proj)
+    }
+}
+
+/// Relative positions table (q_size, k_size, C) for equal query and key sizes, as
+/// `get_rel_pos` computes it (the tables always match the grid in SAM, so no interpolation).
+fn rel_pos_table(size: i64, rel_pos: &Tensor) -> Tensor {
+    let device = rel_pos.device();
+    let coords = Tensor::arange(size, (tch::Kind::Int64, device));
+    let rel = coords.unsqueeze(1) - coords.unsqueeze(0) + (size - 1);
+    rel_pos.index_select(0, &rel.flatten(0, 1)).reshape([size, size, -1])
+}
+
+#[derive(Debug)]
+struct Block {
+    norm1: nn::LayerNorm,
+    attn: Attention,
+    norm2: nn::LayerNorm,
+    mlp: MlpBlock,
+    window_size: i64,
+}
+
+impl Block {
+    fn new(p: &nn::Path, cfg: &SamConfig, window_size: i64) -> Self {
+        let dim = cfg.encoder_embed_dim;
+        let ln = nn::LayerNormConfig { eps: cfg.encoder_norm_eps, ..Default::default() };
+        let grid = cfg.embedding_size();
+        let attn_size = if window_size == 0 { grid } else { window_size };
+        Self {
+            norm1: nn::layer_norm(p / "norm1", vec![dim], ln),
+            attn: Attention::new(&(p / "attn"), dim, cfg.encoder_num_heads, attn_size),
+            norm2: nn::layer_norm(p / "norm2", vec![dim], ln),
+            mlp: MlpBlock::new(&(p / "mlp"), dim, dim * cfg.mlp_ratio, Activation::Gelu),
+            window_size,
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let shortcut = x;
+        let mut h = x.apply(&self.norm1);
+        if self.window_size > 0 {
+            let (_, hh, ww, _) = h.size4().expect("BHWC");
+            let (windows, pad_hw) = window_partition(&h, self.window_size);
+            h = window_unpartition(&self.attn.forward(&windows), self.window_size, pad_hw, (hh, ww));
+        } else {
+            h = self.attn.forward(&h);
+        }
+        let x = shortcut + h;
+        let m = x.apply(&self.norm2).apply(&self.mlp);
+        x + m
+    }
+}
+
+/// (B, H, W, C) -> (B * nWindows, ws, ws, C), zero-padding H and W up to multiples of ws.
+fn window_partition(x: &Tensor, ws: i64) -> (Tensor, (i64, i64)) {
+    let (b, h, w, c) = x.size4().expect("BHWC");
+    let pad_h = (ws - h % ws) % ws;
+    let pad_w = (ws - w % ws) % ws;
+    let x = if pad_h > 0 || pad_w > 0 { x.constant_pad_nd([0, 0, 0, pad_w, 0, pad_h]) } else { x.shallow_clone() };
+    let (hp, wp) = (h + pad_h, w + pad_w);
+    let windows = x
+        .view([b, hp / ws, ws, wp / ws, ws, c])
+        .permute([0, 1, 3, 2, 4, 5])
+        .reshape([-1, ws, ws, c]);
+    (windows, (hp, wp))
+}
+
+/// Inverse of [`window_partition`], dropping the padding.
+fn window_unpartition(windows: &Tensor, ws: i64, (hp, wp): (i64, i64), (h, w): (i64, i64)) -> Tensor {
+    let c = windows.size()[3];
+    let b = windows.size()[0] / (hp * wp / ws / ws);
+    let x = windows
+        .view([b, hp / ws, wp / ws, ws, ws, c])
+        .permute([0, 1, 3, 2, 4, 5])
+        .reshape([b, hp, wp, c]);
+    if hp > h || wp > w {
+        x.narrow(1, 0, h).narrow(2, 0, w)
+    } else {
+        x
+    }
+}
+
+#[derive(Debug)]
+pub struct ImageEncoderViT {
+    patch_embed: nn::Conv2D,
+    pos_embed: Tensor,
+    blocks: Vec<Block>,
+    neck_conv1: nn::Conv2D,
+    neck_ln1: LayerNorm2d,
+    neck_conv2: nn::Conv2D,
+    neck_ln2: LayerNorm2d,
+}
+
+impl ImageEncoderViT {
+    pub fn new(p: &nn::Path, cfg: &SamConfig) -> Self {
+        let dim = cfg.encoder_embed_dim;
+        let grid = cfg.embedding_size();
+        let patch = nn::ConvConfig { stride: cfg.patch_size, ..Default::default() };
+        let patch_embed = nn::conv2d(p / "patch_embed" / "proj", cfg.in_chans, dim, cfg.patch_size, patch);
+        let pos_embed = p.var("pos_embed", &[1, grid, grid, dim], nn::Init::Const(0.0));
+        let blocks_p = p / "blocks";
+        let blocks = (0..cfg.encoder_depth)
+            .map(|i| {
+                let ws = if cfg.encoder_global_attn_indexes.contains(&i) { 0 } else { cfg.window_size };
+                Block::new(&(&blocks_p / i), cfg, ws)
+            })
+            .collect();
+        let neck = p / "neck";
+        let out = cfg.prompt_embed_dim;
+        let no_bias = nn::ConvConfig { bias: false, ..Default::default() };
+        Self {
+            patch_embed,
+            pos_embed,
+            blocks,
+            neck_conv1: nn::conv2d(&neck / 0, dim, out, 1, no_bias),
+            neck_ln1: LayerNorm2d::new(&(&neck / 1), out),
+            neck_conv2: nn::conv2d(&neck / 2, out, out, 3, nn::ConvConfig { padding: 1, ..no_bias }),
+            neck_ln2: LayerNorm2d::new(&(&neck / 3), out),
+        }
+    }
+
+    /// (B, 3, S, S) normalised image -> (B, prompt_embed_dim, S/16, S/16) embedding.
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let mut x = x.apply(&self.patch_embed).permute([0, 2, 3, 1]) + &self.pos_embed;
+        for blk in &self.blocks {
+            x = blk.forward(&x);
+        }
+        x.permute([0, 3, 1, 2])
+            .apply(&self.neck_conv1)
+            .apply(&self.neck_ln1)
+            .apply(&self.neck_conv2)
+            .apply(&self.neck_ln2)
+    }
+}

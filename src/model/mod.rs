@@ -1,0 +1,147 @@
+//! The Segment Anything model in tch. Parameter paths equal the official state_dict keys
+//! (`image_encoder.blocks.0.attn.qkv.weight`, ...), so official checkpoints load as they are.
+
+pub mod checkpoint;
+pub mod common;
+pub mod image_encoder;
+pub mod mask_decoder;
+pub mod prompt_encoder;
+pub mod transformer;
+pub mod variant;
+
+pub use checkpoint::{Checkpoint, CheckpointError};
+pub use image_encoder::ImageEncoderViT;
+pub use mask_decoder::MaskDecoder;
+pub use prompt_encoder::{PromptBatch, PromptEncoder};
+pub use variant::{SamConfig, SamVariant};
+
+use tch::{nn, Device, Kind, Tensor};
+
+/// Per-channel RGB mean and std of the official pre-processing (0..255 scale).
+pub const PIXEL_MEAN: [f64; 3] = [123.675, 116.28, 103.53];
+pub const PIXEL_STD: [f64; 3] = [58.395, 57.12, 57.375];
+/// Mask logits above this are foreground.
+pub const MASK_THRESHOLD: f64 = 0.0;
+
+/// Numeric precision of the image encoder. The prompt encoder and mask decoder always run in
+/// fp32: they are cheap, and the Fourier positional encoding loses its meaning in 8-bit mantissas.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    Fp32,
+    Bf16,
+    Fp16,
+}
+
+impl Precision {
+    pub fn kind(self) -> Kind {
+        match self {
+            Self::Fp32 => Kind::Float,
+            Self::Bf16 => Kind::BFloat16,
+            Self::Fp16 => Kind::Half,
+        }
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "fp32" => Ok(Self::Fp32),
+            "bf16" => Ok(Self::Bf16),
+            "fp16" => Ok(Self::Fp16),
+            _ => Err(format!("unknown precision {s:?} (expected fp32, bf16 or fp16)")),
+        }
+    }
+}
+
+/// A SAM model: the three modules in one VarStore.
+pub struct Sam {
+    pub variant: SamVariant,
+    pub config: SamConfig,
+    pub vs: nn::VarStore,
+    pub image_encoder: ImageEncoderViT,
+    pub prompt_encoder: PromptEncoder,
+    pub mask_decoder: MaskDecoder,
+    precision: Precision,
+}
+
+impl Sam {
+    /// A model with freshly initialised (random) weights on `device`.
+    pub fn new(variant: SamVariant, device: Device) -> Self {
+        let config = variant.config();
+        let vs = nn::VarStore::new(device);
+        let root = vs.root();
+        let image_encoder = ImageEncoderViT::new(&(&root / "image_encoder"), &config);
+        let prompt_encoder = PromptEncoder::new(&(&root / "prompt_encoder"), &config);
+        let mask_decoder = MaskDecoder::new(&(&root / "mask_decoder"), &config);
+        Self { variant, config, vs, image_encoder, prompt_encoder, mask_decoder, precision: Precision::Fp32 }
+    }
+
+    /// Builds the variant and loads `path` strictly (.pth state_dict or .safetensors).
+    pub fn load(variant: SamVariant, path: &std::path::Path, device: Device) -> Result<(Self, Checkpoint), CheckpointError> {
+        let mut sam = Self::new(variant, device);
+        let ckpt = checkpoint::load_strict(&mut sam.vs, path)?;
+        Ok((sam, ckpt))
+    }
+
+    pub fn device(&self) -> Device {
+        self.vs.device()
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// Casts the image encoder's weights; call before inference, not during training.
+    pub fn set_precision(&mut self, precision: Precision) {
+        let kind = precision.kind();
+        tch::no_grad(|| {
+            for (name, var) in self.vs.variables() {
+                if name.starts_with("image_encoder.") {
+                    let mut var = var;
+                    var.set_data(&var.to_kind(kind));
+                }
+            }
+        });
+        self.precision = precision;
+    }
+
+    /// Official pre-processing of a (1, 3, h, w) u8 tensor already resized so that its longest
+    /// side is `img_size`: normalise, then zero-pad bottom and right to a square.
+    pub fn preprocess(&self, image: &Tensor) -> Tensor {
+        let device = image.device();
+        let mean = Tensor::from_slice(&PIXEL_MEAN).to_kind(Kind::Float).to_device(device).view([1, 3, 1, 1]);
+        let std = Tensor::from_slice(&PIXEL_STD).to_kind(Kind::Float).to_device(device).view([1, 3, 1, 1]);
+        let x = (image.to_kind(Kind::Float) - mean) / std;
+        let (_, _, h, w) = x.size4().expect("NCHW image");
+        let s = self.config.img_size;
+        x.constant_pad_nd([0, s - w, 0, s - h])
+    }
+
+    /// Image embedding (B, C, 64, 64) in fp32, whatever the encoder's precision.
+    pub fn embed(&self, preprocessed: &Tensor) -> Tensor {
+        self.image_encoder.forward(&preprocessed.to_kind(self.precision.kind())).to_kind(Kind::Float)
+    }
+
+    /// Low-res logits (B, K, 256, 256) and IoU predictions (B, K) for a batch of prompts on
+    /// one image embedding (1, C, 64, 64), or one embedding per prompt (B, C, 64, 64).
+    pub fn decode(&self, embedding: &Tensor, prompts: &PromptBatch, multimask_output: bool) -> (Tensor, Tensor) {
+        let (sparse, dense) = self.prompt_encoder.forward(prompts);
+        let pe = self.prompt_encoder.get_dense_pe();
+        self.mask_decoder.forward(embedding, &pe, &sparse, &dense, multimask_output)
+    }
+
+    /// Official post-processing: logits -> img_size square -> crop the un-padded part -> original size.
+    pub fn postprocess_masks(&self, low_res: &Tensor, input_size: (i64, i64), original_size: (i64, i64)) -> Tensor {
+        let s = self.config.img_size;
+        let up = low_res.upsample_bilinear2d([s, s], false, None, None);
+        let cropped = up.narrow(2, 0, input_size.0).narrow(3, 0, input_size.1);
+        cropped.upsample_bilinear2d([original_size.0, original_size.1], false, None, None)
+    }
+
+    /// Number of parameters (weights and buffers in the state_dict).
+    pub fn num_parameters(&self) -> i64 {
+        self.vs.variables().values().map(|t| t.numel() as i64).sum()
+    }
+}
