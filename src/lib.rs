@@ -10,3 +10,8 @@ pub mod parity;
 pub mod device;
 pub mod bench;
 pub mod resize;
+pub mod engine;
+pub mod metrics;
+pub mod settings;
+pub mod grpc;
+pub mod cli;

@@ -11,11 +11,46 @@ use std::time::Instant;
 #[command(name = "skinsam", version, about = "SkinSAM Serve: Segment Anything for skin lesions")]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the gRPC server (the default when no subcommand is given).
+    Serve {
+        /// TOML settings file (defaults < file < SKINSAM__* environment variables).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// List the models of a running server.
+    Models {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Embed an image on a running server; prints the handle.
+    Embed {
+        image: PathBuf,
+        #[arg(long, default_value = "tiny-random")]
+        model: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Segment an image on a running server: writes the mask PNG and an overlay PNG beside it.
+    Segment {
+        image: PathBuf,
+        #[arg(long, default_value = "tiny-random")]
+        model: String,
+        /// x0,y0,x1,y1 in image pixels.
+        #[arg(long, value_parser = parse_floats::<4>)]
+        r#box: Option<[f32; 4]>,
+        /// x,y of a foreground point (repeatable).
+        #[arg(long, value_parser = parse_floats::<2>)]
+        point: Vec<[f32; 2]>,
+        #[arg(long, default_value = "mask.png")]
+        out: PathBuf,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Compare against golden outputs of the official package (scripts/make_golden.py).
     Parity {
         #[arg(long, default_value = "tests/fixtures/golden")]
@@ -100,14 +135,41 @@ enum Command {
     },
 }
 
+#[derive(clap::Args)]
+struct ClientArgs {
+    /// Server address.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    server: String,
+    /// Bearer token, when the server requires one.
+    #[arg(long)]
+    token: Option<String>,
+}
+
 fn parse_floats<const N: usize>(s: &str) -> Result<[f32; N], String> {
     let v: Vec<f32> = s.split(',').map(|p| p.trim().parse::<f32>().map_err(|e| format!("{p:?}: {e}"))).collect::<Result<_, _>>()?;
     v.try_into().map_err(|v: Vec<f32>| format!("expected {N} comma-separated numbers, got {}", v.len()))
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).init();
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    let command = cli.command.unwrap_or(Command::Serve { config: None });
+    let json_logs = match &command {
+        Command::Serve { config } => skinsam::settings::Settings::load(config.as_deref())?.log_format == "json",
+        _ => false,
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    if json_logs {
+        tracing_subscriber::fmt().json().with_env_filter(filter).init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+    match command {
+        Command::Serve { config } => skinsam::cli::serve(config.as_deref())?,
+        Command::Models { client } => skinsam::cli::models(&client.server, client.token.as_deref())?,
+        Command::Embed { image, model, client } => skinsam::cli::embed(&client.server, client.token.as_deref(), &model, &image)?,
+        Command::Segment { image, model, r#box, point, out, client } => {
+            skinsam::cli::segment(&client.server, client.token.as_deref(), &model, &image, r#box, &point, &out)?
+        }
         Command::Parity { golden, device, precision, max_logit_diff, min_mask_iou } => {
             let device = parse_device(&device)?;
             let t = Instant::now();

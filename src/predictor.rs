@@ -18,6 +18,13 @@ pub struct ImageEmbedding {
     pub input_size: (i64, i64),
 }
 
+impl ImageEmbedding {
+    /// Shares the features tensor (no copy).
+    pub fn shallow_clone(&self) -> Self {
+        Self { features: self.features.shallow_clone(), original_size: self.original_size, input_size: self.input_size }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct PointPrompt {
     pub x: f32,

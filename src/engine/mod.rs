@@ -1,0 +1,278 @@
+//! The engine: a registry of hosted models, each owned by one OS thread (tch tensors are Send
+//! but not Sync) fed through a bounded queue; handlers send commands with a oneshot reply.
+
+pub mod cache;
+pub mod worker;
+
+use crate::device::parse_device;
+use crate::error::{Error, Result};
+use crate::metrics as m;
+use crate::model::{Precision, SamVariant};
+use crate::predictor::Prompt;
+use crate::settings::{ModelSettings, Settings};
+use dashmap::DashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot, watch};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModelState {
+    Loading,
+    Ready,
+    Failed,
+}
+
+/// What the admin API shows of a model.
+#[derive(Clone, Debug)]
+pub struct ModelInfo {
+    pub id: String,
+    pub variant: SamVariant,
+    pub checkpoint: Option<PathBuf>,
+    pub checkpoint_sha256: Option<String>,
+    pub device: String,
+    pub precision: Precision,
+    pub state: ModelState,
+    pub error: Option<String>,
+    pub num_parameters: i64,
+    pub image_size: i64,
+}
+
+/// Raw embedding wanted back with an embed request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EmbeddingFormat {
+    None,
+    Fp32,
+    Fp16,
+}
+
+pub struct EmbedOutput {
+    pub handle: String,
+    pub cache_hit: bool,
+    pub original_size: (i64, i64),
+    /// Shape and little-endian bytes, when asked for.
+    pub embedding: Option<(Vec<i64>, Vec<u8>)>,
+    pub queue: Duration,
+    pub compute: Duration,
+}
+
+pub enum Source {
+    Handle(String),
+    Image(Vec<u8>),
+}
+
+pub struct MaskOutput {
+    /// Chosen mask, row-major, 0 or 1.
+    pub mask: Vec<u8>,
+    pub scores: Vec<f32>,
+    pub best: usize,
+    pub low_res_logits: Option<Vec<f32>>,
+    pub clipped: bool,
+}
+
+pub struct SegmentOutput {
+    pub handle: String,
+    pub height: i64,
+    pub width: i64,
+    pub masks: Vec<MaskOutput>,
+    pub queue: Duration,
+    pub compute: Duration,
+}
+
+pub enum Command {
+    Embed { image: Vec<u8>, format: EmbeddingFormat, enqueued: Instant, reply: oneshot::Sender<Result<EmbedOutput>> },
+    Segment {
+        source: Source,
+        prompts: Vec<Prompt>,
+        multimask: bool,
+        low_res: bool,
+        enqueued: Instant,
+        reply: oneshot::Sender<Result<SegmentOutput>>,
+    },
+}
+
+struct Entry {
+    info: ModelInfo,
+    generation: u64,
+    tx: Option<mpsc::Sender<Command>>,
+}
+
+/// The hosted models. Cheap to clone (shared).
+#[derive(Clone)]
+pub struct Registry {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    models: DashMap<String, Entry>,
+    settings: Settings,
+    generation: AtomicU64,
+    /// Bumped on every state change: health reporting and tests watch it.
+    changes: watch::Sender<u64>,
+}
+
+impl Registry {
+    pub fn new(settings: Settings) -> Self {
+        let (changes, _) = watch::channel(0);
+        Self { inner: Arc::new(Inner { models: DashMap::new(), settings, generation: AtomicU64::new(1), changes }) }
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.inner.settings
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.inner.changes.subscribe()
+    }
+
+    fn changed(&self) {
+        self.inner.changes.send_modify(|v| *v += 1);
+        for state in [ModelState::Loading, ModelState::Ready, ModelState::Failed] {
+            let n = self.inner.models.iter().filter(|e| e.info.state == state).count();
+            metrics::gauge!(m::MODELS, "state" => state_label(state)).set(n as f64);
+        }
+    }
+
+    pub fn list(&self) -> Vec<ModelInfo> {
+        let mut v: Vec<ModelInfo> = self.inner.models.iter().map(|e| e.info.clone()).collect();
+        v.sort_by(|a, b| a.id.cmp(&b.id));
+        v
+    }
+
+    pub fn get(&self, id: &str) -> Result<ModelInfo> {
+        self.inner.models.get(id).map(|e| e.info.clone()).ok_or_else(|| not_found(id))
+    }
+
+    pub fn any_ready(&self) -> bool {
+        self.inner.models.iter().any(|e| e.info.state == ModelState::Ready)
+    }
+
+    /// Starts loading a model on its own thread; returns at once with state Loading.
+    pub fn load(&self, ms: ModelSettings) -> Result<ModelInfo> {
+        if ms.id.is_empty() || ms.id.len() > 128 || !ms.id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+            return Err(crate::error::invalid("id", format!("{:?} must be 1-128 characters of A-Z a-z 0-9 - _ .", ms.id)));
+        }
+        let device_name = ms.device.clone().unwrap_or_else(|| self.inner.settings.default_device.clone());
+        let device = parse_device(&device_name)?;
+        if ms.precision == Precision::Fp16 && device == tch::Device::Cpu {
+            return Err(crate::error::invalid("precision", "fp16 needs a CUDA device; use bf16 on CPU"));
+        }
+        if let Some(c) = &ms.checkpoint {
+            if !c.is_file() {
+                return Err(crate::error::invalid("checkpoint", format!("{} is not a file on the server", c.display())));
+            }
+        }
+        let generation = self.inner.generation.fetch_add(1, Ordering::Relaxed);
+        let info = ModelInfo {
+            id: ms.id.clone(),
+            variant: ms.variant,
+            checkpoint: ms.checkpoint.clone(),
+            checkpoint_sha256: None,
+            device: format!("{device:?}").to_lowercase(),
+            precision: ms.precision,
+            state: ModelState::Loading,
+            error: None,
+            num_parameters: 0,
+            image_size: ms.variant.config().img_size,
+        };
+        match self.inner.models.entry(ms.id.clone()) {
+            dashmap::Entry::Occupied(_) => {
+                return Err(Error::FailedPrecondition(format!("model {:?} is already loaded: unload it first", ms.id)))
+            }
+            dashmap::Entry::Vacant(v) => {
+                v.insert(Entry { info: info.clone(), generation, tx: None });
+            }
+        }
+        self.changed();
+        let registry = self.clone();
+        let (tx, rx) = mpsc::channel(self.inner.settings.limits.queue_depth.max(1));
+        std::thread::Builder::new()
+            .name(format!("model-{}", ms.id))
+            .spawn(move || worker::run(registry, ms, device, generation, tx, rx))
+            .map_err(|e| Error::Internal(format!("spawning the model thread: {e}")))?;
+        Ok(info)
+    }
+
+    /// Called by the model thread when loading ended. False when the model was unloaded meanwhile.
+    fn finish_load(&self, id: &str, generation: u64, result: std::result::Result<(ModelInfo, mpsc::Sender<Command>), String>) -> bool {
+        let ok = match self.inner.models.get_mut(id) {
+            Some(mut e) if e.generation == generation => {
+                match result {
+                    Ok((info, tx)) => {
+                        e.info = info;
+                        e.tx = Some(tx);
+                    }
+                    Err(msg) => {
+                        e.info.state = ModelState::Failed;
+                        e.info.error = Some(msg);
+                    }
+                }
+                true
+            }
+            _ => false,
+        };
+        self.changed();
+        ok
+    }
+
+    /// Removes a model; its thread finishes the queued commands, then exits.
+    pub fn unload(&self, id: &str) -> Result<()> {
+        self.inner.models.remove(id).ok_or_else(|| not_found(id))?;
+        self.changed();
+        Ok(())
+    }
+
+    fn sender(&self, id: &str) -> Result<mpsc::Sender<Command>> {
+        let e = self.inner.models.get(id).ok_or_else(|| not_found(id))?;
+        match (&e.info.state, &e.tx) {
+            (ModelState::Ready, Some(tx)) => Ok(tx.clone()),
+            (ModelState::Failed, _) => Err(Error::Unavailable(format!(
+                "model {id:?} failed to load: {}",
+                e.info.error.as_deref().unwrap_or("unknown error")
+            ))),
+            _ => Err(Error::Unavailable(format!("model {id:?} is still loading"))),
+        }
+    }
+
+    /// Queues a command for a model without waiting: a full queue is RESOURCE_EXHAUSTED.
+    fn send(&self, id: &str, cmd: Command) -> Result<()> {
+        self.sender(id)?.try_send(cmd).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => {
+                Error::ResourceExhausted(format!("model {id:?} has {} requests queued; retry later", self.inner.settings.limits.queue_depth))
+            }
+            mpsc::error::TrySendError::Closed(_) => Error::Unavailable(format!("model {id:?} is shutting down")),
+        })
+    }
+
+    pub async fn embed(&self, id: &str, image: Vec<u8>, format: EmbeddingFormat) -> Result<EmbedOutput> {
+        let (reply, rx) = oneshot::channel();
+        self.send(id, Command::Embed { image, format, enqueued: Instant::now(), reply })?;
+        rx.await.map_err(|_| Error::Unavailable(format!("model {id:?} was unloaded")))?
+    }
+
+    pub async fn segment(&self, id: &str, source: Source, prompts: Vec<Prompt>, multimask: bool, low_res: bool) -> Result<SegmentOutput> {
+        let max = self.inner.settings.limits.max_prompts;
+        if prompts.len() > max {
+            return Err(crate::error::invalid("prompts", format!("{} prompts in one request, the limit is {max}", prompts.len())));
+        }
+        if prompts.is_empty() {
+            return Err(crate::error::invalid("prompts", "no prompt given (send an empty Prompt for the no-prompt case)"));
+        }
+        let (reply, rx) = oneshot::channel();
+        self.send(id, Command::Segment { source, prompts, multimask, low_res, enqueued: Instant::now(), reply })?;
+        rx.await.map_err(|_| Error::Unavailable(format!("model {id:?} was unloaded")))?
+    }
+}
+
+fn not_found(id: &str) -> Error {
+    Error::NotFound(format!("no model {id:?} is loaded"))
+}
+
+pub fn state_label(s: ModelState) -> &'static str {
+    match s {
+        ModelState::Loading => "loading",
+        ModelState::Ready => "ready",
+        ModelState::Failed => "failed",
+    }
+}

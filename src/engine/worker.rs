@@ -1,0 +1,275 @@
+//! The thread that owns one model: loads it, warms it up, then serves its queue.
+
+use super::cache::{EmbeddingCache, Lookup};
+use super::{Command, EmbedOutput, EmbeddingFormat, MaskOutput, ModelInfo, ModelState, Registry, SegmentOutput, Source};
+use crate::error::{Error, Result};
+use crate::image_io::decode_rgb;
+use crate::metrics as m;
+use crate::model::Sam;
+use crate::predictor::{ImageEmbedding, Predictor, Prompt};
+use crate::settings::ModelSettings;
+use sha2::{Digest, Sha256};
+use std::time::{Duration, Instant};
+use tch::{Device, Kind};
+use tokio::sync::mpsc;
+
+struct Worker {
+    id: String,
+    predictor: Predictor,
+    cache: EmbeddingCache,
+    max_pixels: u64,
+    max_batch: usize,
+}
+
+pub(super) fn run(registry: Registry, ms: ModelSettings, device: Device, generation: u64, tx: mpsc::Sender<Command>, mut rx: mpsc::Receiver<Command>) {
+    let id = ms.id.clone();
+    let loaded = tch::no_grad(|| load(&ms, device));
+    let (worker, info) = match loaded {
+        Ok((predictor, info)) => {
+            let s = registry.settings();
+            let w = Worker {
+                id: id.clone(),
+                predictor,
+                cache: EmbeddingCache::new(s.cache.max_bytes),
+                max_pixels: s.limits.max_image_pixels,
+                max_batch: s.limits.max_embed_batch.max(1),
+            };
+            (w, info)
+        }
+        Err(e) => {
+            tracing::error!(model = %id, error = %e, "model failed to load");
+            registry.finish_load(&id, generation, Err(e.to_string()));
+            return;
+        }
+    };
+    tracing::info!(model = %id, variant = %info.variant, device = %info.device, sha256 = ?info.checkpoint_sha256, "model ready");
+    if !registry.finish_load(&id, generation, Ok((info, tx))) {
+        return; // unloaded while loading
+    }
+    worker.serve(&mut rx);
+    tracing::info!(model = %id, "model unloaded");
+}
+
+fn load(ms: &ModelSettings, device: Device) -> Result<(Predictor, ModelInfo)> {
+    let (mut sam, ckpt) = match &ms.checkpoint {
+        Some(path) => {
+            let (sam, c) = Sam::load(ms.variant, path, device)?;
+            (sam, Some(c))
+        }
+        None => (Sam::new(ms.variant, device), None),
+    };
+    sam.set_precision(ms.precision);
+    let info = ModelInfo {
+        id: ms.id.clone(),
+        variant: ms.variant,
+        checkpoint: ms.checkpoint.clone(),
+        checkpoint_sha256: ckpt.map(|c| c.sha256),
+        device: format!("{device:?}").to_lowercase(),
+        precision: ms.precision,
+        state: ModelState::Ready,
+        error: None,
+        num_parameters: sam.num_parameters(),
+        image_size: sam.config.img_size,
+    };
+    let predictor = Predictor::new(sam);
+    // Warm-up: the first pass allocates and picks kernels; keep that out of the first request.
+    let img = image::RgbImage::from_pixel(64, 48, image::Rgb([128, 100, 90]));
+    let emb = predictor.set_image(&img)?;
+    predictor.predict(&emb, &[Prompt { bbox: Some([8.0, 8.0, 40.0, 30.0]), ..Default::default() }], true)?;
+    Ok((predictor, info))
+}
+
+fn image_key(bytes: &[u8]) -> String {
+    hex::encode(&Sha256::digest(bytes)[..16])
+}
+
+fn stage(model: &str, stage: &'static str, d: Duration) {
+    metrics::histogram!(m::STAGE_SECONDS, "model" => model.to_owned(), "stage" => stage).record(d.as_secs_f64());
+}
+
+impl Worker {
+    fn serve(mut self, rx: &mut mpsc::Receiver<Command>) {
+        let mut pending: std::collections::VecDeque<Command> = Default::default();
+        loop {
+            let cmd = match pending.pop_front() {
+                Some(c) => c,
+                None => match rx.blocking_recv() {
+                    Some(c) => c,
+                    None => return,
+                },
+            };
+            match cmd {
+                Command::Embed { image, format, enqueued, reply } => {
+                    // Micro-batching: encode the embed requests already waiting together.
+                    let mut batch = vec![(image, format, enqueued, reply)];
+                    while batch.len() < self.max_batch {
+                        match rx.try_recv() {
+                            Ok(Command::Embed { image, format, enqueued, reply }) => batch.push((image, format, enqueued, reply)),
+                            Ok(other) => {
+                                pending.push_back(other);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    tch::no_grad(|| self.embed_batch(batch));
+                }
+                Command::Segment { source, prompts, multimask, low_res, enqueued, reply } => {
+                    if reply.is_closed() {
+                        continue; // the client went away
+                    }
+                    let queue = enqueued.elapsed();
+                    metrics::histogram!(m::QUEUE_SECONDS, "model" => self.id.clone()).record(queue.as_secs_f64());
+                    let t = Instant::now();
+                    let r = tch::no_grad(|| self.segment(source, &prompts, multimask, low_res)).map(|mut o| {
+                        o.queue = queue;
+                        o.compute = t.elapsed();
+                        o
+                    });
+                    let _ = reply.send(r);
+                }
+            }
+            metrics::gauge!(m::CACHE_BYTES, "model" => self.id.clone()).set(self.cache.bytes() as f64);
+        }
+    }
+
+    /// Embeds (or finds cached) images; cache misses are encoded in one batch.
+    fn embed_batch(&mut self, batch: Vec<(Vec<u8>, EmbeddingFormat, Instant, tokio::sync::oneshot::Sender<Result<EmbedOutput>>)>) {
+        let mut todo = Vec::new();
+        for (bytes, format, enqueued, reply) in batch {
+            if reply.is_closed() {
+                continue;
+            }
+            let queue = enqueued.elapsed();
+            metrics::histogram!(m::QUEUE_SECONDS, "model" => self.id.clone()).record(queue.as_secs_f64());
+            let key = image_key(&bytes);
+            let hit = match self.cache.get(&key) {
+                Lookup::Hit(emb) => Some(emb.shallow_clone()),
+                _ => None,
+            };
+            if let Some(emb) = hit {
+                metrics::counter!(m::CACHE_LOOKUPS_TOTAL, "model" => self.id.clone(), "result" => "hit").increment(1);
+                let t = Instant::now();
+                let out = self.output(&key, emb, true, format, queue, t);
+                let _ = reply.send(out);
+                continue;
+            }
+            metrics::counter!(m::CACHE_LOOKUPS_TOTAL, "model" => self.id.clone(), "result" => "miss").increment(1);
+            let t = Instant::now();
+            match decode_rgb(&bytes, "image", self.max_pixels) {
+                Ok(img) => {
+                    stage(&self.id, "decode", t.elapsed());
+                    todo.push((key, img, format, queue, reply, t));
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            }
+        }
+        if todo.is_empty() {
+            return;
+        }
+        let t = Instant::now();
+        let images: Vec<&image::RgbImage> = todo.iter().map(|x| &x.1).collect();
+        let embs = self.predictor.set_images(&images);
+        stage(&self.id, "encode", t.elapsed());
+        match embs {
+            Ok(embs) => {
+                for ((key, _, format, queue, reply, t0), emb) in todo.into_iter().zip(embs) {
+                    // A batched embedding is a view into the batch: copy so the cache holds only its own.
+                    let emb = ImageEmbedding { features: emb.features.copy(), ..emb };
+                    self.cache.insert(key.clone(), emb.shallow_clone());
+                    let _ = reply.send(self.output(&key, emb, false, format, queue, t0));
+                }
+            }
+            Err(e) => {
+                tracing::error!(model = %self.id, error = %e, "encoding failed");
+                for (_, _, _, _, reply, _) in todo {
+                    let _ = reply.send(Err(Error::Internal("image encoding failed".into())));
+                }
+            }
+        }
+    }
+
+    fn output(&self, key: &str, emb: ImageEmbedding, hit: bool, format: EmbeddingFormat, queue: Duration, t: Instant) -> Result<EmbedOutput> {
+        let embedding = match format {
+            EmbeddingFormat::None => None,
+            EmbeddingFormat::Fp32 | EmbeddingFormat::Fp16 => {
+                let kind = if format == EmbeddingFormat::Fp32 { Kind::Float } else { Kind::Half };
+                let t = emb.features.to_device(Device::Cpu).to_kind(kind).contiguous();
+                let mut bytes = vec![0u8; t.numel() * kind.elt_size_in_bytes()];
+                t.copy_data_u8(&mut bytes, t.numel());
+                Some((t.size(), bytes))
+            }
+        };
+        Ok(EmbedOutput {
+            handle: format!("{}/{key}", self.id),
+            cache_hit: hit,
+            original_size: emb.original_size,
+            embedding,
+            queue,
+            compute: t.elapsed(),
+        })
+    }
+
+    fn lookup(&mut self, handle: &str) -> Result<ImageEmbedding> {
+        let key = match handle.split_once('/') {
+            Some((model, key)) if model == self.id => key,
+            Some((model, _)) => {
+                return Err(Error::NotFound(format!("embedding handle {handle:?} belongs to model {model:?}, not {:?}", self.id)))
+            }
+            None => return Err(crate::error::invalid("embedding_handle", format!("{handle:?} is not a handle from Embed"))),
+        };
+        match self.cache.get(key) {
+            Lookup::Hit(e) => {
+                metrics::counter!(m::CACHE_LOOKUPS_TOTAL, "model" => self.id.clone(), "result" => "hit").increment(1);
+                Ok(e.shallow_clone())
+            }
+            Lookup::Evicted => {
+                metrics::counter!(m::CACHE_LOOKUPS_TOTAL, "model" => self.id.clone(), "result" => "evicted").increment(1);
+                Err(Error::NotFound(format!("embedding {handle:?} was evicted from the cache: embed the image again")))
+            }
+            Lookup::Unknown => Err(Error::NotFound(format!("no embedding {handle:?} on this server"))),
+        }
+    }
+
+    fn segment(&mut self, source: Source, prompts: &[Prompt], multimask: bool, low_res: bool) -> Result<SegmentOutput> {
+        let (handle, emb) = match source {
+            Source::Handle(h) => {
+                let e = self.lookup(&h)?;
+                (h, e)
+            }
+            Source::Image(bytes) => {
+                let key = image_key(&bytes);
+                let handle = format!("{}/{key}", self.id);
+                if let Lookup::Hit(e) = self.cache.get(&key) {
+                    (handle, e.shallow_clone())
+                } else {
+                    let t = Instant::now();
+                    let img = decode_rgb(&bytes, "image", self.max_pixels)?;
+                    stage(&self.id, "decode", t.elapsed());
+                    let t = Instant::now();
+                    let e = self.predictor.set_image(&img)?;
+                    stage(&self.id, "encode", t.elapsed());
+                    self.cache.insert(key, e.shallow_clone());
+                    (handle, e)
+                }
+            }
+        };
+        let t = Instant::now();
+        let preds = self.predictor.predict(&emb, prompts, multimask)?;
+        stage(&self.id, "prompt_decode", t.elapsed());
+        metrics::counter!(m::PROMPTS_TOTAL, "model" => self.id.clone()).increment(prompts.len() as u64);
+        let t = Instant::now();
+        let (h, w) = emb.original_size;
+        let mut masks = Vec::with_capacity(preds.len());
+        for p in preds {
+            let best = p.best as i64;
+            let mask = Vec::<u8>::try_from(p.masks.get(best).to_kind(Kind::Uint8).flatten(0, -1))?;
+            let low = if low_res { Some(Vec::<f32>::try_from(p.low_res_logits.get(best).flatten(0, -1))?) } else { None };
+            masks.push(MaskOutput { mask, scores: p.iou_predictions, best: p.best, low_res_logits: low, clipped: p.clipped });
+        }
+        stage(&self.id, "postprocess", t.elapsed());
+        Ok(SegmentOutput { handle, height: h, width: w, masks, queue: Duration::ZERO, compute: Duration::ZERO })
+    }
+}

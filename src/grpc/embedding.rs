@@ -1,0 +1,131 @@
+//! EmbeddingService: unary and bidirectional-stream image embedding.
+
+use super::convert::tensor_format_from_pb;
+use super::pb::{self, embedding_service_server::EmbeddingService};
+use super::{to_status, Observe};
+use crate::engine::{EmbedOutput, Registry};
+use crate::error::invalid;
+use std::pin::Pin;
+use tokio::sync::mpsc;
+use tokio_stream::{wrappers::ReceiverStream, Stream};
+use tonic::{Request, Response, Status, Streaming};
+
+pub struct Embedding {
+    pub registry: Registry,
+}
+
+/// Room left in a message for the fields around an embedding chunk.
+const CHUNK_OVERHEAD: usize = 64 * 1024;
+
+fn response(req_id: &str, o: &EmbedOutput) -> pb::EmbedResponse {
+    pb::EmbedResponse {
+        request_id: req_id.to_owned(),
+        embedding_handle: o.handle.clone(),
+        cache_hit: o.cache_hit,
+        original_height: o.original_size.0 as i32,
+        original_width: o.original_size.1 as i32,
+        timing: Some(pb::Timing { queue_ms: o.queue.as_secs_f64() * 1e3, compute_ms: o.compute.as_secs_f64() * 1e3 }),
+        last_chunk: true,
+        ..Default::default()
+    }
+}
+
+async fn run(registry: &Registry, r: pb::EmbedRequest) -> Result<EmbedOutput, Status> {
+    if r.model_id.is_empty() {
+        return Err(to_status(invalid("model_id", "is empty")));
+    }
+    let format = tensor_format_from_pb(r.return_embedding, "return_embedding").map_err(to_status)?;
+    registry.embed(&r.model_id, r.image, format).await.map_err(to_status)
+}
+
+#[tonic::async_trait]
+impl EmbeddingService for Embedding {
+    async fn embed(&self, req: Request<pb::EmbedRequest>) -> Result<Response<pb::EmbedResponse>, Status> {
+        let r = req.into_inner();
+        let obs = Observe::start("Embed", &r.model_id);
+        let req_id = r.request_id.clone();
+        let fmt = r.return_embedding;
+        let max = self.registry.settings().limits.max_message_bytes;
+        let res = run(&self.registry, r).await.and_then(|o| {
+            let mut resp = response(&req_id, &o);
+            if let Some((shape, bytes)) = o.embedding {
+                if bytes.len() + CHUNK_OVERHEAD > max {
+                    return Err(Status::resource_exhausted(format!(
+                        "return_embedding: {} bytes exceed the {max}-byte message limit; use EmbedStream (chunked) or FP16",
+                        bytes.len()
+                    )));
+                }
+                resp.embedding_shape = shape;
+                resp.embedding_format = fmt;
+                resp.embedding_chunk = bytes;
+            }
+            Ok(Response::new(resp))
+        });
+        obs.finish(&res);
+        res
+    }
+
+    type EmbedStreamStream = Pin<Box<dyn Stream<Item = Result<pb::EmbedResponse, Status>> + Send>>;
+
+    async fn embed_stream(&self, req: Request<Streaming<pb::EmbedRequest>>) -> Result<Response<Self::EmbedStreamStream>, Status> {
+        let mut input = req.into_inner();
+        let (tx, rx) = mpsc::channel(4);
+        let registry = self.registry.clone();
+        let chunk = registry.settings().limits.max_message_bytes.saturating_sub(CHUNK_OVERHEAD).max(1);
+        tokio::spawn(async move {
+            // One request at a time keeps responses in request order; a failed send means the
+            // client went away, which ends the work.
+            loop {
+                let r = match input.message().await {
+                    Ok(Some(r)) => r,
+                    Ok(None) => break,
+                    Err(s) => {
+                        let _ = tx.send(Err(s)).await;
+                        break;
+                    }
+                };
+                let obs = Observe::start("EmbedStream", &r.model_id);
+                let req_id = r.request_id.clone();
+                let fmt = r.return_embedding;
+                let res = run(&registry, r).await;
+                obs.finish(&res);
+                match res {
+                    Err(s) => {
+                        if tx.send(Err(s)).await.is_err() {
+                            break;
+                        }
+                        break; // a stream ends at its first error status
+                    }
+                    Ok(o) => {
+                        let base = response(&req_id, &o);
+                        let Some((shape, bytes)) = o.embedding else {
+                            if tx.send(Ok(base)).await.is_err() {
+                                break;
+                            }
+                            continue;
+                        };
+                        let n = bytes.len().div_ceil(chunk).max(1);
+                        let mut gone = false;
+                        for (i, part) in bytes.chunks(chunk).enumerate() {
+                            let msg = pb::EmbedResponse {
+                                embedding_shape: shape.clone(),
+                                embedding_format: fmt,
+                                embedding_chunk: part.to_vec(),
+                                last_chunk: i + 1 == n,
+                                ..base.clone()
+                            };
+                            if tx.send(Ok(msg)).await.is_err() {
+                                gone = true;
+                                break;
+                            }
+                        }
+                        if gone {
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

@@ -1,0 +1,99 @@
+//! Transport: the gRPC services over the engine.
+
+pub mod convert;
+pub mod embedding;
+pub mod masks;
+pub mod models;
+pub mod segmentation;
+pub mod server;
+
+pub mod pb {
+    tonic::include_proto!("skinsam.v1");
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("skinsam_descriptor");
+}
+
+use crate::error::Error;
+use crate::metrics as m;
+use std::time::Instant;
+use tonic::{Code, Status};
+
+/// The one mapping from engine errors to gRPC statuses. libtorch and internal failures keep
+/// their details in the logs.
+pub fn to_status(e: Error) -> Status {
+    match e {
+        Error::InvalidArgument { field, message } => Status::invalid_argument(format!("{field}: {message}")),
+        Error::NotFound(m) => Status::not_found(m),
+        Error::ResourceExhausted(m) => Status::resource_exhausted(m),
+        Error::Unavailable(m) => Status::unavailable(m),
+        Error::FailedPrecondition(m) => Status::failed_precondition(m),
+        Error::Checkpoint(c) => Status::invalid_argument(format!("checkpoint: {c}")),
+        Error::Torch(t) => {
+            tracing::error!(error = %t, "libtorch failure");
+            Status::internal("internal error (details in the server log)")
+        }
+        Error::Internal(msg) => {
+            tracing::error!(error = %msg, "internal error");
+            Status::internal("internal error (details in the server log)")
+        }
+    }
+}
+
+fn code_label(c: Code) -> &'static str {
+    match c {
+        Code::Ok => "ok",
+        Code::InvalidArgument => "invalid_argument",
+        Code::NotFound => "not_found",
+        Code::ResourceExhausted => "resource_exhausted",
+        Code::Unavailable => "unavailable",
+        Code::FailedPrecondition => "failed_precondition",
+        Code::Cancelled => "cancelled",
+        Code::DeadlineExceeded => "deadline_exceeded",
+        Code::Unauthenticated => "unauthenticated",
+        Code::PermissionDenied => "permission_denied",
+        _ => "internal",
+    }
+}
+
+/// Latency, in-flight and status-code metrics around one unary call or one stream message.
+pub struct Observe {
+    rpc: &'static str,
+    model: String,
+    start: Instant,
+}
+
+impl Observe {
+    pub fn start(rpc: &'static str, model: &str) -> Self {
+        metrics::gauge!(m::IN_FLIGHT, "rpc" => rpc).increment(1.0);
+        Self { rpc, model: model.to_owned(), start: Instant::now() }
+    }
+
+    pub fn finish<T>(self, r: &Result<T, Status>) {
+        let code = match r {
+            Ok(_) => Code::Ok,
+            Err(s) => s.code(),
+        };
+        metrics::histogram!(m::REQUEST_SECONDS, "rpc" => self.rpc, "model" => self.model.clone()).record(self.start.elapsed().as_secs_f64());
+        metrics::counter!(m::REQUESTS_TOTAL, "rpc" => self.rpc, "code" => code_label(code)).increment(1);
+    }
+}
+
+impl Drop for Observe {
+    fn drop(&mut self) {
+        metrics::gauge!(m::IN_FLIGHT, "rpc" => self.rpc).decrement(1.0);
+    }
+}
+
+/// Bearer-token check used by the interceptor (all RPCs) and by the admin RPCs.
+pub fn check_bearer<T>(req: &tonic::Request<T>, token: Option<&str>) -> Result<(), Status> {
+    let Some(token) = token else { return Ok(()) };
+    let got = req.metadata().get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    match got {
+        Some(t) if constant_time_eq(t.as_bytes(), token.as_bytes()) => Ok(()),
+        Some(_) => Err(Status::permission_denied("wrong bearer token")),
+        None => Err(Status::unauthenticated("missing 'authorization: Bearer <token>' metadata")),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

@@ -1,0 +1,111 @@
+//! SegmentationService: prompts against a cached embedding or an inline image.
+
+use super::convert::{mask_format, prompt_from_pb};
+use super::masks::{to_png, to_rle};
+use super::pb::{self, segmentation_service_server::SegmentationService};
+use super::{to_status, Observe};
+use crate::engine::{Registry, Source};
+use crate::error::{invalid, Error};
+use crate::metrics as m;
+use std::pin::Pin;
+use std::time::Instant;
+use tokio::sync::mpsc;
+use tokio_stream::{wrappers::ReceiverStream, Stream};
+use tonic::{Request, Response, Status, Streaming};
+
+pub struct Segmentation {
+    pub registry: Registry,
+}
+
+async fn run(registry: &Registry, r: pb::SegmentRequest) -> Result<pb::SegmentResponse, Status> {
+    let parse = || -> Result<_, Error> {
+        if r.model_id.is_empty() {
+            return Err(invalid("model_id", "is empty"));
+        }
+        let source = match r.source.clone() {
+            Some(pb::segment_request::Source::EmbeddingHandle(h)) => Source::Handle(h),
+            Some(pb::segment_request::Source::Image(b)) => Source::Image(b),
+            None => return Err(invalid("source", "set embedding_handle or image")),
+        };
+        let max = registry.settings().limits.max_prompts;
+        if r.prompts.len() > max {
+            return Err(invalid("prompts", format!("{} prompts in one request, the limit is {max}", r.prompts.len())));
+        }
+        let prompts = r.prompts.iter().enumerate().map(|(i, p)| prompt_from_pb(p, &format!("prompts[{i}]"))).collect::<Result<Vec<_>, _>>()?;
+        let fmt = mask_format(r.mask_format, "mask_format")?;
+        Ok((source, prompts, fmt))
+    };
+    let (source, prompts, (want_png, want_rle)) = parse().map_err(to_status)?;
+    let out = registry.segment(&r.model_id, source, prompts, r.multimask_output, r.return_low_res_logits).await.map_err(to_status)?;
+    let model = r.model_id.clone();
+    let (h, w) = (out.height, out.width);
+    // PNG and RLE encoding off the async threads.
+    let masks = tokio::task::spawn_blocking(move || -> Result<Vec<pb::MaskResult>, Error> {
+        let t = Instant::now();
+        let mut v = Vec::with_capacity(out.masks.len());
+        for mk in out.masks {
+            v.push(pb::MaskResult {
+                png: if want_png { to_png(&mk.mask, h as u32, w as u32)? } else { Vec::new() },
+                rle: want_rle.then(|| pb::Rle { height: h as i32, width: w as i32, counts: to_rle(&mk.mask, h as usize, w as usize) }),
+                scores: mk.scores,
+                chosen_index: mk.best as i32,
+                area: mk.mask.iter().map(|&v| i64::from(v)).sum(),
+                low_res_logits: mk.low_res_logits.unwrap_or_default(),
+                clipped: mk.clipped,
+            });
+        }
+        metrics::histogram!(m::STAGE_SECONDS, "model" => model, "stage" => "encode_png").record(t.elapsed().as_secs_f64());
+        Ok(v)
+    })
+    .await
+    .map_err(|e| to_status(Error::Internal(format!("mask encoding task: {e}"))))?
+    .map_err(to_status)?;
+    Ok(pb::SegmentResponse {
+        request_id: r.request_id,
+        embedding_handle: out.handle,
+        height: h as i32,
+        width: w as i32,
+        masks,
+        timing: Some(pb::Timing { queue_ms: out.queue.as_secs_f64() * 1e3, compute_ms: out.compute.as_secs_f64() * 1e3 }),
+    })
+}
+
+#[tonic::async_trait]
+impl SegmentationService for Segmentation {
+    async fn segment(&self, req: Request<pb::SegmentRequest>) -> Result<Response<pb::SegmentResponse>, Status> {
+        let r = req.into_inner();
+        let obs = Observe::start("Segment", &r.model_id);
+        let res = run(&self.registry, r).await.map(Response::new);
+        obs.finish(&res);
+        res
+    }
+
+    type SegmentStreamStream = Pin<Box<dyn Stream<Item = Result<pb::SegmentResponse, Status>> + Send>>;
+
+    async fn segment_stream(&self, req: Request<Streaming<pb::SegmentRequest>>) -> Result<Response<Self::SegmentStreamStream>, Status> {
+        let mut input = req.into_inner();
+        let (tx, rx) = mpsc::channel(4);
+        let registry = self.registry.clone();
+        tokio::spawn(async move {
+            // Sequential: responses keep request order; a failed send (client gone) stops the work.
+            loop {
+                let r = match input.message().await {
+                    Ok(Some(r)) => r,
+                    Ok(None) => break,
+                    Err(s) => {
+                        let _ = tx.send(Err(s)).await;
+                        break;
+                    }
+                };
+                let obs = Observe::start("SegmentStream", &r.model_id);
+                let res = run(&registry, r).await;
+                obs.finish(&res);
+                let is_err = res.is_err();
+                if tx.send(res).await.is_err() || is_err {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

@@ -1,0 +1,94 @@
+//! Builds and runs the gRPC server: the three skinsam services (behind the bearer-token
+//! interceptor), grpc.health.v1 and server reflection.
+
+use super::embedding::Embedding;
+use super::models::Models;
+use super::pb::{
+    embedding_service_server::EmbeddingServiceServer, model_service_server::ModelServiceServer,
+    segmentation_service_server::SegmentationServiceServer, FILE_DESCRIPTOR_SET,
+};
+use super::segmentation::Segmentation;
+use crate::engine::Registry;
+use crate::settings::Settings;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::interceptor::InterceptedService;
+use tonic::{Request, Status};
+use tonic_health::ServingStatus;
+
+pub const SERVICES: [&str; 3] = ["skinsam.v1.ModelService", "skinsam.v1.EmbeddingService", "skinsam.v1.SegmentationService"];
+/// Services that need a ready model to serve.
+const MODEL_SERVICES: [&str; 2] = ["skinsam.v1.EmbeddingService", "skinsam.v1.SegmentationService"];
+
+/// Starts loading the configured models; one that cannot even start loading is logged and
+/// skipped, the others still serve.
+pub fn load_configured(registry: &Registry) {
+    for ms in registry.settings().models.clone() {
+        let id = ms.id.clone();
+        if let Err(e) = registry.load(ms) {
+            tracing::error!(model = %id, error = %e, "model not loaded");
+        }
+    }
+}
+
+/// Serves on `listener` until `shutdown` resolves, then drains in-flight requests.
+pub async fn serve(registry: Registry, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    let settings: Settings = registry.settings().clone();
+    let max = settings.limits.max_message_bytes;
+    let (reporter, health) = tonic_health::server::health_reporter();
+    for s in MODEL_SERVICES {
+        reporter.set_service_status(s, ServingStatus::NotServing).await;
+    }
+    reporter.set_service_status("skinsam.v1.ModelService", ServingStatus::Serving).await;
+    // Health follows the registry: model services serve once a model is ready.
+    let mut changes = registry.subscribe();
+    let watched = registry.clone();
+    tokio::spawn(async move {
+        loop {
+            let status = if watched.any_ready() { ServingStatus::Serving } else { ServingStatus::NotServing };
+            for s in MODEL_SERVICES {
+                reporter.set_service_status(s, status).await;
+            }
+            reporter.set_service_status("", status).await;
+            if changes.changed().await.is_err() {
+                break;
+            }
+        }
+    });
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let token = settings.auth.token.clone();
+    let auth = move |req: Request<()>| -> Result<Request<()>, Status> {
+        super::check_bearer(&req, token.as_deref())?;
+        Ok(req)
+    };
+    let models = ModelServiceServer::new(Models { registry: registry.clone() }).max_decoding_message_size(max).max_encoding_message_size(max);
+    let embedding = EmbeddingServiceServer::new(Embedding { registry: registry.clone() })
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
+    let segmentation = SegmentationServiceServer::new(Segmentation { registry: registry.clone() })
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
+    tonic::transport::Server::builder()
+        .timeout(Duration::from_millis(settings.limits.request_timeout_ms))
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(InterceptedService::new(models, auth.clone()))
+        .add_service(InterceptedService::new(embedding, auth.clone()))
+        .add_service(InterceptedService::new(segmentation, auth))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await?;
+    Ok(())
+}
+
+/// Binds `addr` ("127.0.0.1:0" picks a free port) and returns the listener and its address.
+pub async fn bind(addr: &str) -> anyhow::Result<(TcpListener, SocketAddr)> {
+    let l = TcpListener::bind(addr).await?;
+    let a = l.local_addr()?;
+    Ok((l, a))
+}
