@@ -1,0 +1,326 @@
+//! The gRPC server in-process on 127.0.0.1:0 with the tiny model: every RPC's happy path,
+//! streaming order and chunking, limits, auth, health and hot load/unload.
+
+mod common;
+use skinsam::engine::Registry;
+use skinsam::grpc::pb::{self, embedding_service_client::EmbeddingServiceClient, model_service_client::ModelServiceClient,
+    segmentation_service_client::SegmentationServiceClient};
+use skinsam::grpc::server::{bind, load_configured, serve};
+use skinsam::settings::Settings;
+use std::time::Duration;
+use tonic::transport::Channel;
+use tonic::Code;
+use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
+
+struct TestServer {
+    url: String,
+    registry: Registry,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+async fn start(settings: Settings, wait_ready: bool) -> TestServer {
+    let (listener, addr) = bind("127.0.0.1:0").await.unwrap();
+    let registry = Registry::new(settings);
+    load_configured(&registry);
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(serve(registry.clone(), listener, async move {
+        let _ = rx.await;
+    }));
+    if wait_ready {
+        for _ in 0..600 {
+            if registry.any_ready() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(registry.any_ready(), "model ready: {:?}", registry.list());
+    }
+    TestServer { url: format!("http://{addr}"), registry, stop: Some(stop) }
+}
+
+async fn channel(s: &TestServer) -> Channel {
+    Channel::from_shared(s.url.clone()).unwrap().connect().await.unwrap()
+}
+
+fn image() -> Vec<u8> {
+    common::fixture_bytes("ISIC_0024306.jpg")
+}
+
+fn box_prompt() -> pb::Prompt {
+    pb::Prompt {
+        points: vec![pb::Point { x: 110.0, y: 71.0, label: pb::PointLabel::Foreground as i32 }],
+        r#box: Some(pb::Box { x0: 60.0, y0: 2.0, x1: 169.0, y1: 139.0 }),
+        mask_input: vec![],
+    }
+}
+
+fn seg_req(source: pb::segment_request::Source, n_prompts: usize) -> pb::SegmentRequest {
+    pb::SegmentRequest {
+        model_id: "tiny-random".into(),
+        source: Some(source),
+        prompts: vec![box_prompt(); n_prompts],
+        multimask_output: true,
+        mask_format: pb::MaskFormat::PngAndRle as i32,
+        return_low_res_logits: true,
+        request_id: "r".into(),
+    }
+}
+
+#[tokio::test]
+async fn embed_then_segment_round_trip() {
+    let s = start(Settings::defaults(), true).await;
+    let ch = channel(&s).await;
+    let mut emb = EmbeddingServiceClient::new(ch.clone());
+    let r = emb.embed(pb::EmbedRequest { model_id: "tiny-random".into(), image: image(), ..Default::default() }).await.unwrap().into_inner();
+    assert!(!r.cache_hit);
+    assert_eq!((r.original_width, r.original_height), (200, 150));
+    let again = emb.embed(pb::EmbedRequest { model_id: "tiny-random".into(), image: image(), ..Default::default() }).await.unwrap().into_inner();
+    assert!(again.cache_hit, "a repeated image is not re-encoded");
+    assert_eq!(again.embedding_handle, r.embedding_handle);
+
+    let mut seg = SegmentationServiceClient::new(ch);
+    let by_handle = seg.segment(seg_req(pb::segment_request::Source::EmbeddingHandle(r.embedding_handle.clone()), 2)).await.unwrap().into_inner();
+    assert_eq!(by_handle.masks.len(), 2);
+    let m = &by_handle.masks[0];
+    assert_eq!(m.scores.len(), 3);
+    assert_eq!(m.low_res_logits.len(), 256 * 256);
+    let png = image::load_from_memory(&m.png).unwrap().into_luma8();
+    assert_eq!((png.width(), png.height()), (200, 150));
+    let rle = m.rle.as_ref().unwrap();
+    let from_rle = skinsam::grpc::masks::from_rle(&rle.counts, 150, 200);
+    let from_png: Vec<u8> = png.as_raw().iter().map(|&v| u8::from(v > 127)).collect();
+    assert_eq!(from_rle, from_png, "PNG and RLE carry the same mask");
+    assert_eq!(m.area, from_png.iter().map(|&v| v as i64).sum::<i64>());
+    assert!(by_handle.timing.is_some());
+
+    let inline = seg.segment(seg_req(pb::segment_request::Source::Image(image()), 1)).await.unwrap().into_inner();
+    assert_eq!(inline.embedding_handle, r.embedding_handle);
+    assert_eq!(inline.masks[0].rle, by_handle.masks[0].rle, "inline image and handle give the same mask");
+}
+
+#[tokio::test]
+async fn streams_keep_order_and_chunk_embeddings() {
+    let mut settings = Settings::defaults();
+    settings.limits.max_message_bytes = 200_000; // the tiny embedding (512 KiB fp32) needs chunks
+    let s = start(settings, true).await;
+    let ch = channel(&s).await;
+    let mut seg = SegmentationServiceClient::new(ch.clone());
+    let reqs: Vec<pb::SegmentRequest> = (0..6)
+        .map(|i| pb::SegmentRequest {
+            request_id: format!("req-{i}"),
+            return_low_res_logits: false,
+            ..seg_req(pb::segment_request::Source::Image(image()), 1 + i % 3)
+        })
+        .collect();
+    let mut out = seg.segment_stream(tokio_stream::iter(reqs)).await.unwrap().into_inner();
+    let mut ids = Vec::new();
+    while let Some(r) = out.message().await.unwrap() {
+        assert_eq!(r.masks.len(), 1 + ids.len() % 3);
+        ids.push(r.request_id);
+    }
+    assert_eq!(ids, (0..6).map(|i| format!("req-{i}")).collect::<Vec<_>>());
+
+    let mut emb = EmbeddingServiceClient::new(ch);
+    let req = pb::EmbedRequest {
+        model_id: "tiny-random".into(),
+        image: image(),
+        request_id: "e1".into(),
+        return_embedding: pb::TensorFormat::Fp32 as i32,
+    };
+    let mut out = emb.embed_stream(tokio_stream::iter(vec![req])).await.unwrap().into_inner();
+    let mut bytes = Vec::new();
+    let mut chunks = 0;
+    while let Some(r) = out.message().await.unwrap() {
+        assert_eq!(r.request_id, "e1");
+        assert_eq!(r.embedding_shape, vec![1, 32, 64, 64]);
+        bytes.extend_from_slice(&r.embedding_chunk);
+        chunks += 1;
+        if r.last_chunk {
+            break;
+        }
+    }
+    assert!(chunks >= 3, "{chunks} chunks");
+    assert_eq!(bytes.len(), 32 * 64 * 64 * 4);
+}
+
+#[tokio::test]
+async fn bad_requests_get_clear_statuses() {
+    let mut settings = Settings::defaults();
+    settings.limits.max_prompts = 4;
+    let s = start(settings, true).await;
+    let mut seg = SegmentationServiceClient::new(channel(&s).await);
+    let handle = |h: &str| pb::segment_request::Source::EmbeddingHandle(h.into());
+    let check = |r: Result<tonic::Response<pb::SegmentResponse>, tonic::Status>, code: Code, text: &str| {
+        let e = r.err().expect("an error");
+        assert_eq!(e.code(), code, "{e:?}");
+        assert!(e.message().contains(text), "{:?} lacks {text:?}", e.message());
+    };
+    check(seg.segment(pb::SegmentRequest { model_id: "nope".into(), ..seg_req(handle("x/y"), 1) }).await, Code::NotFound, "nope");
+    check(seg.segment(seg_req(handle("tiny-random/0123"), 1)).await, Code::NotFound, "no embedding");
+    check(seg.segment(pb::SegmentRequest { source: None, ..seg_req(handle("x"), 1) }).await, Code::InvalidArgument, "source");
+    check(seg.segment(seg_req(pb::segment_request::Source::Image(image()), 0)).await, Code::InvalidArgument, "prompts");
+    check(seg.segment(seg_req(pb::segment_request::Source::Image(image()), 5)).await, Code::InvalidArgument, "limit is 4");
+    check(seg.segment(seg_req(pb::segment_request::Source::Image(b"garbage".to_vec()), 1)).await, Code::InvalidArgument, "image");
+    check(
+        seg.segment(pb::SegmentRequest { mask_format: 99, ..seg_req(pb::segment_request::Source::Image(image()), 1) }).await,
+        Code::InvalidArgument,
+        "mask_format",
+    );
+    let mut bad = seg_req(pb::segment_request::Source::Image(image()), 1);
+    bad.prompts[0].points[0].label = 0;
+    check(seg.segment(bad).await, Code::InvalidArgument, "prompts[0].points[0].label");
+    let mut bad = seg_req(pb::segment_request::Source::Image(image()), 1);
+    bad.prompts[0].r#box = Some(pb::Box { x0: 50.0, y0: 0.0, x1: 10.0, y1: 10.0 });
+    check(seg.segment(bad).await, Code::InvalidArgument, "prompts[0].box");
+    let mut bad = seg_req(pb::segment_request::Source::Image(image()), 1);
+    bad.prompts[0].points[0].x = f32::NAN;
+    check(seg.segment(bad).await, Code::InvalidArgument, "not finite");
+    // The server still serves after all that.
+    assert!(seg.segment(seg_req(pb::segment_request::Source::Image(image()), 1)).await.is_ok());
+}
+
+#[tokio::test]
+async fn evicted_handle_says_so() {
+    let mut settings = Settings::defaults();
+    settings.cache.max_bytes = 600_000; // one tiny embedding (524288 bytes)
+    let s = start(settings, true).await;
+    let ch = channel(&s).await;
+    let mut emb = EmbeddingServiceClient::new(ch.clone());
+    let a = emb.embed(pb::EmbedRequest { model_id: "tiny-random".into(), image: image(), ..Default::default() }).await.unwrap().into_inner();
+    let other = common::fixture_bytes("ISIC_0024311.png");
+    emb.embed(pb::EmbedRequest { model_id: "tiny-random".into(), image: other, ..Default::default() }).await.unwrap();
+    let mut seg = SegmentationServiceClient::new(ch);
+    let e = seg.segment(seg_req(pb::segment_request::Source::EmbeddingHandle(a.embedding_handle), 1)).await.err().unwrap();
+    assert_eq!(e.code(), Code::NotFound);
+    assert!(e.message().contains("evicted"), "{}", e.message());
+}
+
+#[tokio::test]
+async fn full_queue_is_resource_exhausted_and_others_still_served() {
+    let mut settings = Settings::defaults();
+    settings.limits.queue_depth = 1;
+    let s = start(settings, true).await;
+    let ch = channel(&s).await;
+    let mut tasks = Vec::new();
+    for i in 0..24u8 {
+        let mut seg = SegmentationServiceClient::new(ch.clone());
+        // Distinct images so that each request needs the encoder.
+        let mut img = image::RgbImage::from_pixel(300, 200, image::Rgb([i * 10, 90, 80]));
+        img.put_pixel(0, 0, image::Rgb([i, i, i]));
+        let mut png = std::io::Cursor::new(Vec::new());
+        img.write_to(&mut png, image::ImageFormat::Png).unwrap();
+        let req = seg_req(pb::segment_request::Source::Image(png.into_inner()), 1);
+        tasks.push(tokio::spawn(async move { seg.segment(req).await.map(|_| ()) }));
+    }
+    let mut exhausted = 0;
+    let mut ok = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(()) => ok += 1,
+            Err(e) if e.code() == Code::ResourceExhausted => exhausted += 1,
+            Err(e) => panic!("unexpected {e:?}"),
+        }
+    }
+    assert!(ok >= 1 && exhausted >= 1, "ok {ok}, exhausted {exhausted}");
+}
+
+#[tokio::test]
+async fn bearer_tokens_guard_rpcs_and_admin_rpcs() {
+    let mut settings = Settings::defaults();
+    settings.auth.token = Some("user-secret".into());
+    settings.auth.admin_token = Some("admin-secret".into());
+    let s = start(settings, true).await;
+    let mut models = ModelServiceClient::new(channel(&s).await);
+    fn with<T>(t: &str, msg: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(msg);
+        r.metadata_mut().insert("authorization", format!("Bearer {t}").parse().unwrap());
+        r
+    }
+    let e = models.list_models(pb::ListModelsRequest {}).await.err().unwrap();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    let e = models.list_models(with("wrong", pb::ListModelsRequest {})).await.err().unwrap();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert_eq!(models.list_models(with("user-secret", pb::ListModelsRequest {})).await.unwrap().into_inner().models.len(), 1);
+    let unload = pb::UnloadModelRequest { id: "tiny-random".into() };
+    let e = models.unload_model(with("user-secret", unload.clone())).await.err().unwrap();
+    assert!(matches!(e.code(), Code::PermissionDenied), "{e:?}");
+    // Health stays open for probes.
+    let mut health = HealthClient::new(channel(&s).await);
+    assert!(health.check(HealthCheckRequest { service: String::new() }).await.is_ok());
+}
+
+#[tokio::test]
+async fn health_follows_hot_load_and_unload() {
+    let mut settings = Settings::defaults();
+    settings.models.clear();
+    let s = start(settings, false).await;
+    let ch = channel(&s).await;
+    let mut health = HealthClient::new(ch.clone());
+    let status = |h: &mut HealthClient<Channel>| {
+        let mut h = h.clone();
+        async move {
+            h.check(HealthCheckRequest { service: "skinsam.v1.SegmentationService".into() }).await.unwrap().into_inner().status
+        }
+    };
+    assert_eq!(status(&mut health).await, ServingStatus::NotServing as i32);
+    let mut models = ModelServiceClient::new(ch.clone());
+    let ckpt = common::tiny_checkpoint().display().to_string();
+    let info = models
+        .load_model(pb::LoadModelRequest { id: "hot".into(), variant: pb::Variant::Tiny as i32, checkpoint: ckpt.clone(), device: "cpu".into(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.state, pb::ModelState::Loading as i32);
+    let mut ready = None;
+    for _ in 0..600 {
+        let m = models.get_model(pb::GetModelRequest { id: "hot".into() }).await.unwrap().into_inner();
+        if m.state == pb::ModelState::Ready as i32 {
+            ready = Some(m);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ready = ready.expect("model became ready");
+    assert_eq!(ready.checkpoint_sha256, skinsam::model::checkpoint::sha256_file(&common::tiny_checkpoint()).unwrap());
+    assert_eq!(status(&mut health).await, ServingStatus::Serving as i32);
+    let mut seg = SegmentationServiceClient::new(ch.clone());
+    let req = pb::SegmentRequest { model_id: "hot".into(), ..seg_req(pb::segment_request::Source::Image(image()), 1) };
+    assert!(seg.segment(req.clone()).await.is_ok());
+    // Loading the same id twice, a bad variant and a missing checkpoint are refused.
+    let dup = models.load_model(pb::LoadModelRequest { id: "hot".into(), variant: pb::Variant::Tiny as i32, ..Default::default() }).await;
+    assert_eq!(dup.err().unwrap().code(), Code::FailedPrecondition);
+    let bad = models.load_model(pb::LoadModelRequest { id: "x".into(), variant: 0, ..Default::default() }).await;
+    assert!(bad.err().unwrap().message().contains("variant"));
+    let bad = models
+        .load_model(pb::LoadModelRequest { id: "y".into(), variant: pb::Variant::Tiny as i32, checkpoint: "/no/such.pth".into(), ..Default::default() })
+        .await;
+    assert!(bad.err().unwrap().message().contains("checkpoint"));
+    // A checkpoint of the wrong variant loads into FAILED with the reason, and does not serve.
+    models
+        .load_model(pb::LoadModelRequest { id: "wrong".into(), variant: pb::Variant::VitB as i32, checkpoint: ckpt, device: "cpu".into(), ..Default::default() })
+        .await
+        .unwrap();
+    for _ in 0..200 {
+        let m = models.get_model(pb::GetModelRequest { id: "wrong".into() }).await.unwrap().into_inner();
+        if m.state == pb::ModelState::Failed as i32 {
+            assert!(m.error.contains("tiny"), "{}", m.error);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let e = seg.segment(pb::SegmentRequest { model_id: "wrong".into(), ..req.clone() }).await.err().unwrap();
+    assert_eq!(e.code(), Code::Unavailable);
+
+    models.unload_model(pb::UnloadModelRequest { id: "hot".into() }).await.unwrap();
+    assert_eq!(seg.segment(req).await.err().unwrap().code(), Code::NotFound);
+    assert_eq!(status(&mut health).await, ServingStatus::NotServing as i32);
+    assert_eq!(s.registry.list().len(), 1);
+}
