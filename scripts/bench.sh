@@ -10,9 +10,10 @@ DEVICE=${DEVICE:-auto}
 IMAGE=tests/fixtures/images/ISIC_0024311.png   # a 600x450 HAM10000 original
 BOX=71,105,514,409
 POINT=289,255
+EMBED_REPEAT=${EMBED_REPEAT:-3}
 out=target/bench
 mkdir -p "$out"
-: > "$out/results.jsonl"
+touch "$out/results.jsonl"
 cargo build --release -q
 for v in $VARIANTS; do
   ckpt="$out/sam_$v.pth"
@@ -25,10 +26,10 @@ torch.save(sam_model_registry[sys.argv[1]]().state_dict(), sys.argv[2] + ".tmp")
 import os; os.replace(sys.argv[2] + ".tmp", sys.argv[2])
 PY
   fi
-  .venv/bin/python scripts/bench_official.py --variant "$v" --checkpoint "$ckpt" --image $IMAGE --box $BOX --point $POINT \
+  .venv/bin/python scripts/bench_official.py --variant "$v" --checkpoint "$ckpt" --embed-repeat "$EMBED_REPEAT" --image $IMAGE --box $BOX --point $POINT \
     | tee -a "$out/results.jsonl"
   for p in $PRECISIONS; do
-    target/release/skinsam bench --variant "$v" --checkpoint "$ckpt" --image $IMAGE --box $BOX --point $POINT \
+    target/release/skinsam bench --variant "$v" --checkpoint "$ckpt" --embed-repeat "$EMBED_REPEAT" --image $IMAGE --box $BOX --point $POINT \
       --precision "$p" --device "$DEVICE" | tee -a "$out/results.jsonl"
   done
   for p in $PRECISIONS; do
