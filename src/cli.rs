@@ -56,7 +56,7 @@ pub fn models(server: &str, token: Option<&str>) -> anyhow::Result<()> {
         let r = c.list_models(request(pb::ListModelsRequest {}, token)?).await?.into_inner();
         for m in r.models {
             println!(
-                "{}\\t{:?}\\t{:?}\\t{}\\t{:?}\\t{}",
+                "{}\t{:?}\t{:?}\t{}\t{:?}\t{}",
                 m.id,
                 pb::Variant::try_from(m.variant).unwrap_or_default(),
                 pb::ModelState::try_from(m.state).unwrap_or_default(),
@@ -74,7 +74,7 @@ pub fn embed(server: &str, token: Option<&str>, model: &str, image: &Path) -> an
     runtime()?.block_on(async {
         let mut c = pb::embedding_service_client::EmbeddingServiceClient::connect(server.to_owned()).await?;
         let r = c.embed(request(pb::EmbedRequest { model_id: model.to_owned(), image: bytes, ..Default::default() }, token)?).await?.into_inner();
-        println!("{}\\t{}x{}\\tcache_hit={}", r.embedding_handle, r.original_width, r.original_height, r.cache_hit);
+        println!("{}\t{}x{}\tcache_hit={}", r.embedding_handle, r.original_width, r.original_height, r.cache_hit);
         Ok(())
     })
 }

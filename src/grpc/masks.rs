@@ -56,9 +56,10 @@ mod tests {
 
     #[test]
     fn rle_is_column_major_and_starts_with_zeros() {
-        // 2x3, ones at (row 0, col 1) and (row 1, col 1), (row 1, col 2).
+        // 2x3 (rows: 0 1 0 / 0 1 1).
         let mask = [0, 1, 0, 0, 1, 1];
-        assert_eq!(to_rle(&mask, 2, 3), vec![2, 3, 1]);
+        // Column-major: 0 0 | 1 1 | 0 1.
+        assert_eq!(to_rle(&mask, 2, 3), vec![2, 2, 1, 1]);
         assert_eq!(from_rle(&to_rle(&mask, 2, 3), 2, 3), mask.to_vec());
         assert_eq!(to_rle(&[1, 1], 1, 2), vec![0, 2]);
     }
