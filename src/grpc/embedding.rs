@@ -2,12 +2,9 @@
 
 use super::convert::tensor_format_from_pb;
 use super::pb::{self, embedding_service_server::EmbeddingService};
-use super::{to_status, Observe};
+use super::{ordered_stream, to_status, Observe, ResponseStream};
 use crate::engine::{EmbedOutput, Registry};
 use crate::error::invalid;
-use std::pin::Pin;
-use tokio::sync::mpsc;
-use tokio_stream::{wrappers::ReceiverStream, Stream};
 use tonic::{Request, Response, Status, Streaming};
 
 pub struct Embedding {
@@ -65,67 +62,46 @@ impl EmbeddingService for Embedding {
         res
     }
 
-    type EmbedStreamStream = Pin<Box<dyn Stream<Item = Result<pb::EmbedResponse, Status>> + Send>>;
+    type EmbedStreamStream = ResponseStream<pb::EmbedResponse>;
 
     async fn embed_stream(&self, req: Request<Streaming<pb::EmbedRequest>>) -> Result<Response<Self::EmbedStreamStream>, Status> {
-        let mut input = req.into_inner();
-        let (tx, rx) = mpsc::channel(4);
         let registry = self.registry.clone();
         let chunk = registry.settings().limits.max_message_bytes.saturating_sub(CHUNK_OVERHEAD).max(1);
-        tokio::spawn(async move {
-            // One request at a time keeps responses in request order; a failed send means the
-            // client went away, which ends the work.
-            loop {
-                let r = match input.message().await {
-                    Ok(Some(r)) => r,
-                    Ok(None) => break,
-                    Err(s) => {
-                        let _ = tx.send(Err(s)).await;
-                        break;
-                    }
-                };
+        Ok(Response::new(ordered_stream(req.into_inner(), move |r: pb::EmbedRequest, tx| {
+            let registry = registry.clone();
+            async move {
                 let obs = Observe::start("EmbedStream", &r.model_id);
                 let req_id = r.request_id.clone();
                 let fmt = r.return_embedding;
                 let res = run(&registry, r).await;
                 obs.finish(&res);
-                match res {
+                let o = match res {
+                    Ok(o) => o,
                     Err(s) => {
-                        if tx.send(Err(s)).await.is_err() {
-                            break;
-                        }
-                        break; // a stream ends at its first error status
+                        let _ = tx.send(Err(s)).await;
+                        return false;
                     }
-                    Ok(o) => {
-                        let base = response(&req_id, &o);
-                        let Some((shape, bytes)) = o.embedding else {
-                            if tx.send(Ok(base)).await.is_err() {
-                                break;
-                            }
-                            continue;
-                        };
-                        let n = bytes.len().div_ceil(chunk).max(1);
-                        let mut gone = false;
-                        for (i, part) in bytes.chunks(chunk).enumerate() {
-                            let msg = pb::EmbedResponse {
-                                embedding_shape: shape.clone(),
-                                embedding_format: fmt,
-                                embedding_chunk: part.to_vec(),
-                                last_chunk: i + 1 == n,
-                                ..base.clone()
-                            };
-                            if tx.send(Ok(msg)).await.is_err() {
-                                gone = true;
-                                break;
-                            }
-                        }
-                        if gone {
-                            break;
-                        }
+                };
+                let base = response(&req_id, &o);
+                let Some((shape, bytes)) = o.embedding else {
+                    return tx.send(Ok(base)).await.is_ok();
+                };
+                // Chunked so that no message exceeds the limit; the last says so.
+                let n = bytes.len().div_ceil(chunk).max(1);
+                for (i, part) in bytes.chunks(chunk).enumerate() {
+                    let msg = pb::EmbedResponse {
+                        embedding_shape: shape.clone(),
+                        embedding_format: fmt,
+                        embedding_chunk: part.to_vec(),
+                        last_chunk: i + 1 == n,
+                        ..base.clone()
+                    };
+                    if tx.send(Ok(msg)).await.is_err() {
+                        return false;
                     }
                 }
+                true
             }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        })))
     }
 }

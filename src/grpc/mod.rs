@@ -14,8 +14,47 @@ pub mod pb {
 
 use crate::error::Error;
 use crate::metrics as m;
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Instant;
-use tonic::{Code, Status};
+use tokio::sync::mpsc;
+use tokio_stream::{wrappers::ReceiverStream, Stream};
+use tonic::{Code, Status, Streaming};
+
+pub type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// Responses buffered per stream before the handler waits for the client to read.
+const STREAM_BUFFER: usize = 4;
+
+/// Serves a bidirectional stream one request at a time, so responses keep request order.
+/// `handle` sends the responses for one request and returns false to end the stream (after an
+/// error status, or when a send failed because the client went away, which stops the work).
+pub fn ordered_stream<Req, Resp, F, Fut>(mut input: Streaming<Req>, mut handle: F) -> ResponseStream<Resp>
+where
+    Req: Send + 'static,
+    Resp: Send + 'static,
+    F: FnMut(Req, mpsc::Sender<Result<Resp, Status>>) -> Fut + Send + 'static,
+    Fut: Future<Output = bool> + Send,
+{
+    let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+    tokio::spawn(async move {
+        loop {
+            match input.message().await {
+                Ok(Some(req)) => {
+                    if !handle(req, tx.clone()).await {
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(s) => {
+                    let _ = tx.send(Err(s)).await;
+                    break;
+                }
+            }
+        }
+    });
+    Box::pin(ReceiverStream::new(rx))
+}
 
 /// The one mapping from engine errors to gRPC statuses. libtorch and internal failures keep
 /// their details in the logs.

@@ -3,14 +3,11 @@
 use super::convert::{mask_format, prompt_from_pb};
 use super::masks::{to_png, to_rle};
 use super::pb::{self, segmentation_service_server::SegmentationService};
-use super::{to_status, Observe};
+use super::{ordered_stream, to_status, Observe, ResponseStream};
 use crate::engine::{Registry, Source};
 use crate::error::{invalid, Error};
 use crate::metrics as m;
-use std::pin::Pin;
 use std::time::Instant;
-use tokio::sync::mpsc;
-use tokio_stream::{wrappers::ReceiverStream, Stream};
 use tonic::{Request, Response, Status, Streaming};
 
 pub struct Segmentation {
@@ -80,32 +77,19 @@ impl SegmentationService for Segmentation {
         res
     }
 
-    type SegmentStreamStream = Pin<Box<dyn Stream<Item = Result<pb::SegmentResponse, Status>> + Send>>;
+    type SegmentStreamStream = ResponseStream<pb::SegmentResponse>;
 
     async fn segment_stream(&self, req: Request<Streaming<pb::SegmentRequest>>) -> Result<Response<Self::SegmentStreamStream>, Status> {
-        let mut input = req.into_inner();
-        let (tx, rx) = mpsc::channel(4);
         let registry = self.registry.clone();
-        tokio::spawn(async move {
-            // Sequential: responses keep request order; a failed send (client gone) stops the work.
-            loop {
-                let r = match input.message().await {
-                    Ok(Some(r)) => r,
-                    Ok(None) => break,
-                    Err(s) => {
-                        let _ = tx.send(Err(s)).await;
-                        break;
-                    }
-                };
+        Ok(Response::new(ordered_stream(req.into_inner(), move |r: pb::SegmentRequest, tx| {
+            let registry = registry.clone();
+            async move {
                 let obs = Observe::start("SegmentStream", &r.model_id);
                 let res = run(&registry, r).await;
                 obs.finish(&res);
-                let is_err = res.is_err();
-                if tx.send(res).await.is_err() || is_err {
-                    break;
-                }
+                let ok = res.is_ok();
+                tx.send(res).await.is_ok() && ok
             }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        })))
     }
 }
