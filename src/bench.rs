@@ -7,7 +7,7 @@ use crate::predictor::{PointPrompt, Predictor, Prompt};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use tch::{Device, Kind};
+use tch::Device;
 
 #[derive(Serialize)]
 pub struct TimingReport {
@@ -147,9 +147,7 @@ pub fn precision_agreement(
         let a = fp32.predict(&ea, std::slice::from_ref(&prompt), true)?.remove(0);
         let b = low.predict(&eb, std::slice::from_ref(&prompt), true)?.remove(0);
         let (ma, mb) = (a.masks.get(a.best as i64), b.masks.get(b.best as i64));
-        let inter = ma.logical_and(&mb).sum(Kind::Int64).int64_value(&[]) as f64;
-        let union = ma.logical_or(&mb).sum(Kind::Int64).int64_value(&[]) as f64;
-        ious.push(if union == 0.0 { 1.0 } else { inter / union });
+        ious.push(crate::parity::mask_iou(&ma, &mb));
     }
     let n = ious.len().max(1) as f64;
     Ok(AgreementReport {

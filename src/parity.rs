@@ -60,7 +60,8 @@ pub struct ParityReport {
     pub cases: Vec<CaseReport>,
 }
 
-fn mask_iou(a: &Tensor, b: &Tensor) -> f64 {
+/// IoU of two boolean masks; 1 when both are empty.
+pub fn mask_iou(a: &Tensor, b: &Tensor) -> f64 {
     let inter = a.logical_and(b).sum(Kind::Int64).int64_value(&[]) as f64;
     let union = a.logical_or(b).sum(Kind::Int64).int64_value(&[]) as f64;
     if union == 0.0 {

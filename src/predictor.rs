@@ -105,10 +105,7 @@ impl Predictor {
 
     /// `set_image`: resize, normalise, pad and encode once.
     pub fn set_image(&self, image: &RgbImage) -> Result<ImageEmbedding> {
-        let t = self.image_tensor(image)?;
-        let input_size = (t.size()[2], t.size()[3]);
-        let features = tch::no_grad(|| self.sam.embed(&self.sam.preprocess(&t)));
-        Ok(ImageEmbedding { features, original_size: (image.height() as i64, image.width() as i64), input_size })
+        Ok(self.set_images(&[image])?.remove(0))
     }
 
     /// Encodes several images in one encoder pass (micro-batching); same results as one by one.

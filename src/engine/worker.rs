@@ -143,18 +143,11 @@ impl Worker {
             let queue = enqueued.elapsed();
             metrics::histogram!(m::QUEUE_SECONDS, "model" => self.id.clone()).record(queue.as_secs_f64());
             let key = image_key(&bytes);
-            let hit = match self.cache.get(&key) {
-                Lookup::Hit(emb) => Some(emb.shallow_clone()),
-                _ => None,
-            };
-            if let Some(emb) = hit {
-                metrics::counter!(m::CACHE_LOOKUPS_TOTAL, "model" => self.id.clone(), "result" => "hit").increment(1);
-                let t = Instant::now();
-                let out = self.output(&key, emb, true, format, queue, t);
+            if let Some(emb) = self.cached(&key) {
+                let out = self.output(&key, emb, true, format, queue, Instant::now());
                 let _ = reply.send(out);
                 continue;
             }
-            metrics::counter!(m::CACHE_LOOKUPS_TOTAL, "model" => self.id.clone(), "result" => "miss").increment(1);
             let t = Instant::now();
             match decode_rgb(&bytes, "image", self.max_pixels) {
                 Ok(img) => {
@@ -189,6 +182,29 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// The cached embedding of an image key, counted as a cache hit or miss.
+    fn cached(&mut self, key: &str) -> Option<ImageEmbedding> {
+        let hit = match self.cache.get(key) {
+            Lookup::Hit(e) => Some(e.shallow_clone()),
+            _ => None,
+        };
+        let result = if hit.is_some() { "hit" } else { "miss" };
+        metrics::counter!(m::CACHE_LOOKUPS_TOTAL, "model" => self.id.clone(), "result" => result).increment(1);
+        hit
+    }
+
+    /// Decodes and encodes one image, and caches its embedding.
+    fn encode_one(&mut self, key: String, bytes: &[u8]) -> Result<ImageEmbedding> {
+        let t = Instant::now();
+        let img = decode_rgb(bytes, "image", self.max_pixels)?;
+        stage(&self.id, "decode", t.elapsed());
+        let t = Instant::now();
+        let e = self.predictor.set_image(&img)?;
+        stage(&self.id, "encode", t.elapsed());
+        self.cache.insert(key, e.shallow_clone());
+        Ok(e)
     }
 
     fn output(&self, key: &str, emb: ImageEmbedding, hit: bool, format: EmbeddingFormat, queue: Duration, t: Instant) -> Result<EmbedOutput> {
@@ -242,18 +258,11 @@ impl Worker {
             Source::Image(bytes) => {
                 let key = image_key(&bytes);
                 let handle = format!("{}/{key}", self.id);
-                if let Lookup::Hit(e) = self.cache.get(&key) {
-                    (handle, e.shallow_clone())
-                } else {
-                    let t = Instant::now();
-                    let img = decode_rgb(&bytes, "image", self.max_pixels)?;
-                    stage(&self.id, "decode", t.elapsed());
-                    let t = Instant::now();
-                    let e = self.predictor.set_image(&img)?;
-                    stage(&self.id, "encode", t.elapsed());
-                    self.cache.insert(key, e.shallow_clone());
-                    (handle, e)
-                }
+                let e = match self.cached(&key) {
+                    Some(e) => e,
+                    None => self.encode_one(key, &bytes)?,
+                };
+                (handle, e)
             }
         };
         let t = Instant::now();

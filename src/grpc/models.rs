@@ -4,7 +4,6 @@ use super::convert::{model_info_to_pb, precision_from_pb, variant_from_pb};
 use super::pb::{self, model_service_server::ModelService};
 use super::{check_bearer, to_status, Observe};
 use crate::engine::Registry;
-use crate::error::invalid;
 use crate::settings::ModelSettings;
 use tonic::{Request, Response, Status};
 
@@ -41,9 +40,6 @@ impl ModelService for Models {
                 device: (!r.device.is_empty()).then(|| r.device.clone()),
                 precision: precision_from_pb(r.precision, "precision")?,
             };
-            if ms.id.is_empty() {
-                return Err(invalid("id", "is empty"));
-            }
             self.registry.load(ms)
         })()
         .map(|i| Response::new(model_info_to_pb(&i)))

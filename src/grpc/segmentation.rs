@@ -24,10 +24,6 @@ async fn run(registry: &Registry, r: pb::SegmentRequest) -> Result<pb::SegmentRe
             Some(pb::segment_request::Source::Image(b)) => Source::Image(b),
             None => return Err(invalid("source", "set embedding_handle or image")),
         };
-        let max = registry.settings().limits.max_prompts;
-        if r.prompts.len() > max {
-            return Err(invalid("prompts", format!("{} prompts in one request, the limit is {max}", r.prompts.len())));
-        }
         let prompts = r.prompts.iter().enumerate().map(|(i, p)| prompt_from_pb(p, &format!("prompts[{i}]"))).collect::<Result<Vec<_>, _>>()?;
         let fmt = mask_format(r.mask_format, "mask_format")?;
         Ok((source, prompts, fmt))
