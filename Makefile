@@ -2,7 +2,7 @@
 # Both first install libtorch (PyPI wheel torch==2.13.0) into .venv when missing.
 SHELL := /bin/bash
 
-.PHONY: env serve test bench parity-vit-b
+.PHONY: env serve test bench parity-vit-b loadgen
 
 env:
 	@scripts/setup-env.sh
@@ -10,12 +10,20 @@ env:
 serve: env
 	cargo run --release -- serve
 
+# Rust tests (parity, checkpoints, bad input, predictor, in-process server), then a Python
+# client generated from proto/ against the real binary (and promtool on /metrics if installed).
 test: env
 	cargo test
+	cargo build
+	.venv/bin/python scripts/python_client_test.py target/debug/skinsam
 
 # Speed and memory against the official package, side by side (see BENCHMARKS.md).
 bench: env
 	scripts/bench.sh
+
+# Serving latency and throughput through gRPC vs in-process (see BENCHMARKS.md).
+loadgen: env
+	scripts/loadgen.sh
 
 # Full-size vit_b parity with the official predictor (random weights), by hand: about 3 minutes.
 parity-vit-b: env

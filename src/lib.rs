@@ -15,3 +15,4 @@ pub mod metrics;
 pub mod settings;
 pub mod grpc;
 pub mod cli;
+pub mod loadgen;

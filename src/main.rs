@@ -117,6 +117,49 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         threads: i32,
     },
+    /// Load generator against a running server: Segment latency/throughput by concurrency, and
+    /// embedding throughput with distinct images; prints JSON lines.
+    Loadgen {
+        #[arg(long, default_value = "tiny-random")]
+        model: String,
+        #[arg(long)]
+        image: PathBuf,
+        #[arg(long, value_parser = parse_floats::<4>)]
+        r#box: [f32; 4],
+        #[arg(long, value_parser = parse_floats::<2>)]
+        point: [f32; 2],
+        #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+        concurrency: Vec<usize>,
+        /// Segment requests per concurrency level.
+        #[arg(long, default_value_t = 200)]
+        requests: usize,
+        #[arg(long, default_value_t = 1)]
+        prompts: usize,
+        /// Distinct images for the embedding test (0: skip it), sent at each --embed-concurrency.
+        #[arg(long, default_value_t = 0)]
+        embed_images: usize,
+        #[arg(long, value_delimiter = ',', default_value = "1,8")]
+        embed_concurrency: Vec<usize>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// The Segment decode in-process (predict + PNG), for comparison with `loadgen`; prints JSON.
+    DecodeInproc {
+        #[arg(long)]
+        variant: SamVariant,
+        #[arg(long)]
+        checkpoint: Option<PathBuf>,
+        #[arg(long)]
+        image: PathBuf,
+        #[arg(long, value_parser = parse_floats::<4>)]
+        r#box: [f32; 4],
+        #[arg(long, value_parser = parse_floats::<2>)]
+        point: [f32; 2],
+        #[arg(long, default_value_t = 100)]
+        n: usize,
+        #[arg(long, default_value_t = 1)]
+        prompts: usize,
+    },
     /// Mask agreement of a reduced precision with fp32 on real images (HAM10000 layout); prints JSON.
     PrecisionAgreement {
         #[arg(long)]
@@ -236,6 +279,39 @@ fn main() -> anyhow::Result<()> {
                 embed_repeat,
                 predict_repeat,
             })?;
+            println!("{}", serde_json::to_string(&r)?);
+        }
+        Command::Loadgen { model, image, r#box, point, concurrency, requests, prompts, embed_images, embed_concurrency, client } => {
+            let bytes = std::fs::read(&image).with_context(|| format!("reading {}", image.display()))?;
+            let prompt = Prompt { points: vec![PointPrompt { x: point[0], y: point[1], label: 1 }], bbox: Some(r#box), mask_input: None };
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(async {
+                for c in concurrency {
+                    let r = skinsam::loadgen::segment_load(&client.server, &model, bytes.clone(), &prompt, prompts, c, requests).await?;
+                    println!("{}", serde_json::to_string(&r)?);
+                }
+                if embed_images > 0 {
+                    let base = skinsam::image_io::decode_rgb(&bytes, "image", u64::MAX)?;
+                    for c in embed_concurrency {
+                        // Distinct images (one pixel changed, and a different one per run) so nothing is cached.
+                        let images = (0..embed_images)
+                            .map(|i| {
+                                let mut img = base.clone();
+                                img.put_pixel(0, 0, image::Rgb([(i % 256) as u8, (i / 256) as u8, c as u8]));
+                                let mut out = std::io::Cursor::new(Vec::new());
+                                img.write_to(&mut out, image::ImageFormat::Png).map(|_| out.into_inner())
+                            })
+                            .collect::<Result<Vec<_>, _>>()?;
+                        let r = skinsam::loadgen::embed_load(&client.server, &model, images, c).await?;
+                        println!("{}", serde_json::to_string(&r)?);
+                    }
+                }
+                anyhow::Ok(())
+            })?;
+        }
+        Command::DecodeInproc { variant, checkpoint, image, r#box, point, n, prompts } => {
+            let prompt = Prompt { points: vec![PointPrompt { x: point[0], y: point[1], label: 1 }], bbox: Some(r#box), mask_input: None };
+            let r = skinsam::loadgen::in_process_decode(variant, checkpoint.as_deref(), &image, &prompt, prompts, n)?;
             println!("{}", serde_json::to_string(&r)?);
         }
         Command::PrecisionAgreement { variant, checkpoint, precision, data, n, device } => {

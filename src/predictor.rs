@@ -56,6 +56,27 @@ pub struct Prediction {
     pub clipped: bool,
 }
 
+/// Which candidate masks to post-process to full resolution.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Masks {
+    /// All K candidates (the SamPredictor contract).
+    All,
+    /// Only the one with the highest predicted IoU: a serving response returns just that one,
+    /// and full-resolution post-processing is most of the decode time.
+    Best,
+}
+
+impl Prediction {
+    /// The mask with the highest predicted IoU, (H, W) bool.
+    pub fn best_mask(&self) -> Tensor {
+        if self.masks.size()[0] == self.iou_predictions.len() as i64 {
+            self.masks.get(self.best as i64)
+        } else {
+            self.masks.get(0)
+        }
+    }
+}
+
 /// Longest side resized to `target` with the official rounding: int(side * scale + 0.5).
 pub fn preprocess_shape(h: i64, w: i64, target: i64) -> (i64, i64) {
     let scale = target as f64 / h.max(w) as f64;
@@ -183,6 +204,11 @@ impl Predictor {
     /// Decodes prompts against one embedding. Prompts of the same shape share one decoder pass;
     /// results come back in the order given.
     pub fn predict(&self, emb: &ImageEmbedding, prompts: &[Prompt], multimask_output: bool) -> Result<Vec<Prediction>> {
+        self.predict_masks(emb, prompts, multimask_output, Masks::All)
+    }
+
+    /// [`Self::predict`], post-processing all candidates or only the best (`masks` is then (1, H, W)).
+    pub fn predict_masks(&self, emb: &ImageEmbedding, prompts: &[Prompt], multimask_output: bool, which: Masks) -> Result<Vec<Prediction>> {
         let mut checked = Vec::with_capacity(prompts.len());
         for (i, p) in prompts.iter().enumerate() {
             checked.push(self.validate(p, &format!("prompts[{i}]"), emb)?);
@@ -194,7 +220,7 @@ impl Predictor {
         let mut results: Vec<Option<Prediction>> = (0..prompts.len()).map(|_| None).collect();
         for ((n_points, has_box, has_mask), idx) in groups {
             let batch: Vec<&Prompt> = idx.iter().map(|&i| &checked[i].0).collect();
-            let preds = tch::no_grad(|| self.decode_group(emb, &batch, n_points, has_box, has_mask, multimask_output))?;
+            let preds = tch::no_grad(|| self.decode_group(emb, &batch, (n_points, has_box, has_mask), multimask_output, which))?;
             for (i, mut pred) in idx.into_iter().zip(preds) {
                 pred.clipped = checked[i].1;
                 results[i] = Some(pred);
@@ -207,10 +233,9 @@ impl Predictor {
         &self,
         emb: &ImageEmbedding,
         batch: &[&Prompt],
-        n_points: usize,
-        has_box: bool,
-        has_mask: bool,
+        (n_points, has_box, has_mask): Signature,
         multimask_output: bool,
+        which: Masks,
     ) -> Result<Vec<Prediction>> {
         let dev = self.device();
         let b = batch.len() as i64;
@@ -243,9 +268,6 @@ impl Predictor {
         let low_res_cpu = low_res.to_device(Device::Cpu);
         let mut out = Vec::with_capacity(batch.len());
         for i in 0..b {
-            // One prompt at a time: a 1024x1024 intermediate per mask is large in big batches.
-            let logits = self.sam.postprocess_masks(&low_res.narrow(0, i, 1), emb.input_size, emb.original_size);
-            let masks = logits.gt(MASK_THRESHOLD).squeeze_dim(0).to_device(Device::Cpu);
             let scores: Vec<f32> = Vec::<f32>::try_from(iou.get(i))?;
             let best = scores
                 .iter()
@@ -253,6 +275,13 @@ impl Predictor {
                 .max_by(|a, b| a.1.total_cmp(b.1))
                 .map(|(k, _)| k)
                 .unwrap_or(0);
+            // One prompt at a time: a 1024x1024 intermediate per mask is large in big batches.
+            let logits = match which {
+                Masks::All => low_res.narrow(0, i, 1),
+                Masks::Best => low_res.narrow(0, i, 1).narrow(1, best as i64, 1),
+            };
+            let logits = self.sam.postprocess_masks(&logits, emb.input_size, emb.original_size);
+            let masks = logits.gt(MASK_THRESHOLD).squeeze_dim(0).to_device(Device::Cpu);
             out.push(Prediction {
                 masks,
                 iou_predictions: scores,

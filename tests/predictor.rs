@@ -72,3 +72,17 @@ fn mask_input_refines_a_previous_prediction() {
     let d = (&second.low_res_logits - &first.low_res_logits).abs().max().double_value(&[]);
     assert!(d > 1e-3, "the mask prompt changed nothing");
 }
+
+#[test]
+fn best_only_post_processing_gives_the_best_of_all() {
+    let p = common::tiny_predictor();
+    let img = decode_rgb(&common::fixture_bytes("ISIC_0024311.png"), "image", u64::MAX).unwrap();
+    let emb = p.set_image(&img).unwrap();
+    let all = p.predict(&emb, &prompts(), true).unwrap();
+    let best = p.predict_masks(&emb, &prompts(), true, skinsam::predictor::Masks::Best).unwrap();
+    for (a, b) in all.iter().zip(&best) {
+        assert_eq!(b.masks.size(), vec![1, 450, 600]);
+        assert_eq!(a.best, b.best);
+        assert!(a.best_mask().equal(&b.best_mask()));
+    }
+}

@@ -6,7 +6,7 @@ use crate::error::{Error, Result};
 use crate::image_io::decode_rgb;
 use crate::metrics as m;
 use crate::model::Sam;
-use crate::predictor::{ImageEmbedding, Predictor, Prompt};
+use crate::predictor::{ImageEmbedding, Masks, Predictor, Prompt};
 use crate::settings::ModelSettings;
 use sha2::{Digest, Sha256};
 use std::time::{Duration, Instant};
@@ -266,7 +266,7 @@ impl Worker {
             }
         };
         let t = Instant::now();
-        let preds = self.predictor.predict(&emb, prompts, multimask)?;
+        let preds = self.predictor.predict_masks(&emb, prompts, multimask, Masks::Best)?;
         stage(&self.id, "prompt_decode", t.elapsed());
         metrics::counter!(m::PROMPTS_TOTAL, "model" => self.id.clone()).increment(prompts.len() as u64);
         let t = Instant::now();
@@ -274,7 +274,7 @@ impl Worker {
         let mut masks = Vec::with_capacity(preds.len());
         for p in preds {
             let best = p.best as i64;
-            let mask = Vec::<u8>::try_from(p.masks.get(best).to_kind(Kind::Uint8).flatten(0, -1))?;
+            let mask = Vec::<u8>::try_from(p.best_mask().to_kind(Kind::Uint8).flatten(0, -1))?;
             let low = if low_res { Some(Vec::<f32>::try_from(p.low_res_logits.get(best).flatten(0, -1))?) } else { None };
             masks.push(MaskOutput { mask, scores: p.iou_predictions, best: p.best, low_res_logits: low, clipped: p.clipped });
         }

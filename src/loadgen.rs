@@ -1,0 +1,185 @@
+//! Serving load generator (a tonic client) and the in-process reference it is compared with.
+
+use crate::error::{Error, Result};
+use crate::grpc::pb;
+use crate::model::{Sam, SamVariant};
+use crate::predictor::{Masks, Predictor, Prompt};
+use serde::Serialize;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+#[derive(Serialize)]
+pub struct LatencyReport {
+    pub mode: &'static str,
+    pub model: String,
+    pub concurrency: usize,
+    pub requests: usize,
+    pub prompts_per_request: usize,
+    pub errors: usize,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub requests_per_s: f64,
+    pub prompts_per_s: f64,
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
+
+fn report(mode: &'static str, model: &str, concurrency: usize, prompts: usize, mut lat: Vec<f64>, errors: usize, wall: Duration) -> LatencyReport {
+    lat.sort_by(f64::total_cmp);
+    let n = lat.len();
+    LatencyReport {
+        mode,
+        model: model.to_owned(),
+        concurrency,
+        requests: n,
+        prompts_per_request: prompts,
+        errors,
+        p50_ms: percentile(&lat, 0.5),
+        p99_ms: percentile(&lat, 0.99),
+        requests_per_s: n as f64 / wall.as_secs_f64(),
+        prompts_per_s: (n * prompts) as f64 / wall.as_secs_f64(),
+    }
+}
+
+pub fn to_pb_prompt(p: &Prompt) -> pb::Prompt {
+    pb::Prompt {
+        points: p
+            .points
+            .iter()
+            .map(|q| pb::Point {
+                x: q.x,
+                y: q.y,
+                label: if q.label == 1 { pb::PointLabel::Foreground } else { pb::PointLabel::Background } as i32,
+            })
+            .collect(),
+        r#box: p.bbox.map(|b| pb::Box { x0: b[0], y0: b[1], x1: b[2], y1: b[3] }),
+        mask_input: p.mask_input.clone().unwrap_or_default(),
+    }
+}
+
+async fn connect(url: &str) -> Result<tonic::transport::Channel> {
+    tonic::transport::Channel::from_shared(url.to_owned())
+        .map_err(|e| Error::Internal(format!("server url: {e}")))?
+        .connect()
+        .await
+        .map_err(|e| Error::Unavailable(format!("connecting to {url}: {e}")))
+}
+
+/// Embeds `image` once, then sends `total` Segment requests by handle from `concurrency`
+/// concurrent clients (each request: `prompts` copies of `prompt`, PNG masks).
+pub async fn segment_load(url: &str, model: &str, image: Vec<u8>, prompt: &Prompt, prompts: usize, concurrency: usize, total: usize) -> Result<LatencyReport> {
+    let ch = connect(url).await?;
+    let mut emb = pb::embedding_service_client::EmbeddingServiceClient::new(ch.clone()).max_decoding_message_size(64 << 20);
+    let handle = emb
+        .embed(pb::EmbedRequest { model_id: model.to_owned(), image, ..Default::default() })
+        .await
+        .map_err(|s| Error::Unavailable(format!("embed: {s}")))?
+        .into_inner()
+        .embedding_handle;
+    let req = pb::SegmentRequest {
+        model_id: model.to_owned(),
+        source: Some(pb::segment_request::Source::EmbeddingHandle(handle)),
+        prompts: vec![to_pb_prompt(prompt); prompts],
+        multimask_output: true,
+        mask_format: pb::MaskFormat::Png as i32,
+        ..Default::default()
+    };
+    // Warm-up, outside the measurement.
+    let mut seg = pb::segmentation_service_client::SegmentationServiceClient::new(ch.clone()).max_decoding_message_size(64 << 20);
+    seg.segment(req.clone()).await.map_err(|s| Error::Unavailable(format!("segment: {s}")))?;
+    let per_client = total.div_ceil(concurrency.max(1));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency.max(1) {
+        let mut seg = seg.clone();
+        let req = req.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(per_client);
+            let mut errors = 0;
+            for _ in 0..per_client {
+                let t = Instant::now();
+                match seg.segment(req.clone()).await {
+                    Ok(_) => lat.push(t.elapsed().as_secs_f64() * 1e3),
+                    Err(_) => errors += 1,
+                }
+            }
+            (lat, errors)
+        }));
+    }
+    let (mut lat, mut errors) = (Vec::new(), 0);
+    for t in tasks {
+        let (l, e) = t.await.map_err(|e| Error::Internal(e.to_string()))?;
+        lat.extend(l);
+        errors += e;
+    }
+    Ok(report("grpc_segment", model, concurrency, prompts, lat, errors, start.elapsed()))
+}
+
+/// Embeds `images` (distinct) from `concurrency` concurrent clients: micro-batching shows as
+/// the images/s gained over `concurrency` = 1.
+pub async fn embed_load(url: &str, model: &str, images: Vec<Vec<u8>>, concurrency: usize) -> Result<LatencyReport> {
+    let ch = connect(url).await?;
+    let client = pb::embedding_service_client::EmbeddingServiceClient::new(ch);
+    let queue = std::sync::Arc::new(tokio::sync::Mutex::new(images));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency.max(1) {
+        let mut c = client.clone();
+        let queue = queue.clone();
+        let model = model.to_owned();
+        tasks.push(tokio::spawn(async move {
+            let (mut lat, mut errors) = (Vec::new(), 0);
+            loop {
+                let Some(image) = queue.lock().await.pop() else { break };
+                let t = Instant::now();
+                match c.embed(pb::EmbedRequest { model_id: model.clone(), image, ..Default::default() }).await {
+                    Ok(_) => lat.push(t.elapsed().as_secs_f64() * 1e3),
+                    Err(_) => errors += 1,
+                }
+            }
+            (lat, errors)
+        }));
+    }
+    let (mut lat, mut errors) = (Vec::new(), 0);
+    for t in tasks {
+        let (l, e) = t.await.map_err(|e| Error::Internal(e.to_string()))?;
+        lat.extend(l);
+        errors += e;
+    }
+    Ok(report("grpc_embed", model, concurrency, 1, lat, errors, start.elapsed()))
+}
+
+/// The same decode as a Segment request, in-process: predict (best mask post-processed) and
+/// PNG encoding, sequentially.
+pub fn in_process_decode(variant: SamVariant, checkpoint: Option<&Path>, image: &Path, prompt: &Prompt, prompts: usize, n: usize) -> Result<LatencyReport> {
+    let bytes = std::fs::read(image).map_err(|e| Error::Internal(format!("{}: {e}", image.display())))?;
+    let img = crate::image_io::decode_rgb(&bytes, "image", u64::MAX)?;
+    let sam = match checkpoint {
+        Some(c) => Sam::load(variant, c, tch::Device::Cpu)?.0,
+        None => tch::no_grad(|| Sam::new(variant, tch::Device::Cpu)),
+    };
+    let p = Predictor::new(sam);
+    let emb = p.set_image(&img)?;
+    let batch = vec![prompt.clone(); prompts];
+    let run = || -> Result<()> {
+        for pred in p.predict_masks(&emb, &batch, true, Masks::Best)? {
+            let m = Vec::<u8>::try_from(pred.best_mask().to_kind(tch::Kind::Uint8).flatten(0, -1))?;
+            crate::grpc::masks::to_png(&m, img.height(), img.width())?;
+        }
+        Ok(())
+    };
+    run()?;
+    let mut lat = Vec::with_capacity(n);
+    let start = Instant::now();
+    for _ in 0..n {
+        let t = Instant::now();
+        run()?;
+        lat.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(report("in_process_decode", variant.name(), 1, prompts, lat, 0, start.elapsed()))
+}
