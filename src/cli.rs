@@ -38,6 +38,30 @@ async fn shutdown_signal() {
     tracing::info!("shutting down: draining in-flight requests");
 }
 
+/// Where and how a client command reaches the server.
+pub struct Conn {
+    /// http://HOST:PORT, or https://HOST:PORT with `ca_cert`.
+    pub server: String,
+    pub token: Option<String>,
+    /// PEM certificate authority that signed the server's TLS certificate.
+    pub ca_cert: Option<std::path::PathBuf>,
+}
+
+impl Conn {
+    pub async fn channel(&self) -> anyhow::Result<tonic::transport::Channel> {
+        let mut ep = tonic::transport::Endpoint::from_shared(self.server.clone())?;
+        if let Some(ca) = &self.ca_cert {
+            let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
+            ep = ep.tls_config(tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(pem)))?;
+        }
+        Ok(ep.connect().await.with_context(|| format!("connecting to {}", self.server))?)
+    }
+
+    fn request<T>(&self, msg: T) -> anyhow::Result<tonic::Request<T>> {
+        request(msg, self.token.as_deref())
+    }
+}
+
 fn request<T>(msg: T, token: Option<&str>) -> anyhow::Result<tonic::Request<T>> {
     let mut r = tonic::Request::new(msg);
     if let Some(t) = token {
@@ -50,10 +74,10 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
 }
 
-pub fn models(server: &str, token: Option<&str>) -> anyhow::Result<()> {
+pub fn models(conn: &Conn) -> anyhow::Result<()> {
     runtime()?.block_on(async {
-        let mut c = pb::model_service_client::ModelServiceClient::connect(server.to_owned()).await?;
-        let r = c.list_models(request(pb::ListModelsRequest {}, token)?).await?.into_inner();
+        let mut c = pb::model_service_client::ModelServiceClient::new(conn.channel().await?);
+        let r = c.list_models(conn.request(pb::ListModelsRequest {})?).await?.into_inner();
         for m in r.models {
             println!(
                 "{}\t{:?}\t{:?}\t{}\t{:?}\t{}",
@@ -69,17 +93,17 @@ pub fn models(server: &str, token: Option<&str>) -> anyhow::Result<()> {
     })
 }
 
-pub fn embed(server: &str, token: Option<&str>, model: &str, image: &Path) -> anyhow::Result<()> {
+pub fn embed(conn: &Conn, model: &str, image: &Path) -> anyhow::Result<()> {
     let bytes = std::fs::read(image).with_context(|| format!("reading {}", image.display()))?;
     runtime()?.block_on(async {
-        let mut c = pb::embedding_service_client::EmbeddingServiceClient::connect(server.to_owned()).await?;
-        let r = c.embed(request(pb::EmbedRequest { model_id: model.to_owned(), image: bytes, ..Default::default() }, token)?).await?.into_inner();
+        let mut c = pb::embedding_service_client::EmbeddingServiceClient::new(conn.channel().await?);
+        let r = c.embed(conn.request(pb::EmbedRequest { model_id: model.to_owned(), image: bytes, ..Default::default() })?).await?.into_inner();
         println!("{}\t{}x{}\tcache_hit={}", r.embedding_handle, r.original_width, r.original_height, r.cache_hit);
         Ok(())
     })
 }
 
-pub fn segment(server: &str, token: Option<&str>, model: &str, image: &Path, bbox: Option<[f32; 4]>, points: &[[f32; 2]], out: &Path) -> anyhow::Result<()> {
+pub fn segment(conn: &Conn, model: &str, image: &Path, bbox: Option<[f32; 4]>, points: &[[f32; 2]], out: &Path) -> anyhow::Result<()> {
     let bytes = std::fs::read(image).with_context(|| format!("reading {}", image.display()))?;
     let prompt = pb::Prompt {
         points: points.iter().map(|p| pb::Point { x: p[0], y: p[1], label: pb::PointLabel::Foreground as i32 }).collect(),
@@ -87,9 +111,7 @@ pub fn segment(server: &str, token: Option<&str>, model: &str, image: &Path, bbo
         mask_input: vec![],
     };
     let resp = runtime()?.block_on(async {
-        let mut c = pb::segmentation_service_client::SegmentationServiceClient::connect(server.to_owned())
-            .await?
-            .max_decoding_message_size(64 << 20);
+        let mut c = pb::segmentation_service_client::SegmentationServiceClient::new(conn.channel().await?).max_decoding_message_size(64 << 20);
         let req = pb::SegmentRequest {
             model_id: model.to_owned(),
             source: Some(pb::segment_request::Source::Image(bytes.clone())),
@@ -98,7 +120,7 @@ pub fn segment(server: &str, token: Option<&str>, model: &str, image: &Path, bbo
             mask_format: pb::MaskFormat::Png as i32,
             ..Default::default()
         };
-        anyhow::Ok(c.segment(request(req, token)?).await?.into_inner())
+        anyhow::Ok(c.segment(conn.request(req)?).await?.into_inner())
     })?;
     let m = resp.masks.first().context("no mask in the response")?;
     std::fs::write(out, &m.png).with_context(|| format!("writing {}", out.display()))?;

@@ -186,6 +186,15 @@ struct ClientArgs {
     /// Bearer token, when the server requires one.
     #[arg(long)]
     token: Option<String>,
+    /// CA certificate (PEM) for an https:// server.
+    #[arg(long)]
+    ca_cert: Option<PathBuf>,
+}
+
+impl ClientArgs {
+    fn conn(self) -> skinsam::cli::Conn {
+        skinsam::cli::Conn { server: self.server, token: self.token, ca_cert: self.ca_cert }
+    }
 }
 
 fn parse_floats<const N: usize>(s: &str) -> Result<[f32; N], String> {
@@ -208,10 +217,10 @@ fn main() -> anyhow::Result<()> {
     }
     match command {
         Command::Serve { config } => skinsam::cli::serve(config.as_deref())?,
-        Command::Models { client } => skinsam::cli::models(&client.server, client.token.as_deref())?,
-        Command::Embed { image, model, client } => skinsam::cli::embed(&client.server, client.token.as_deref(), &model, &image)?,
+        Command::Models { client } => skinsam::cli::models(&client.conn())?,
+        Command::Embed { image, model, client } => skinsam::cli::embed(&client.conn(), &model, &image)?,
         Command::Segment { image, model, r#box, point, out, client } => {
-            skinsam::cli::segment(&client.server, client.token.as_deref(), &model, &image, r#box, &point, &out)?
+            skinsam::cli::segment(&client.conn(), &model, &image, r#box, &point, &out)?
         }
         Command::Parity { golden, device, precision, max_logit_diff, min_mask_iou } => {
             let device = parse_device(&device)?;

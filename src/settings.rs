@@ -55,6 +55,15 @@ pub struct AuthSettings {
     pub admin_token: Option<String>,
 }
 
+/// TLS for the gRPC port: both files (PEM) or neither.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+pub struct TlsSettings {
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+}
+
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 pub struct Settings {
     pub grpc_addr: String,
@@ -70,6 +79,8 @@ pub struct Settings {
     pub limits: LimitSettings,
     #[serde(default)]
     pub auth: AuthSettings,
+    #[serde(default)]
+    pub tls: TlsSettings,
 }
 
 const DEFAULTS: &str = r#"

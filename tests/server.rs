@@ -324,3 +324,67 @@ async fn health_follows_hot_load_and_unload() {
     assert_eq!(status(&mut health).await, ServingStatus::NotServing as i32);
     assert_eq!(s.registry.list().len(), 1);
 }
+
+#[tokio::test]
+async fn a_client_that_goes_away_stops_its_stream() {
+    let s = start(Settings::defaults(), true).await;
+    let ch = channel(&s).await;
+    // 12 images take the tiny model about 3 s to encode; the wait below is longer, so a server
+    // that kept working would have cached the last one.
+    let images: Vec<Vec<u8>> = (0..12u8)
+        .map(|i| {
+            let mut img = image::RgbImage::from_pixel(320, 240, image::Rgb([i, 100, 60]));
+            img.put_pixel(1, 1, image::Rgb([i, i, 7]));
+            let mut png = std::io::Cursor::new(Vec::new());
+            img.write_to(&mut png, image::ImageFormat::Png).unwrap();
+            png.into_inner()
+        })
+        .collect();
+    let reqs: Vec<pb::SegmentRequest> = images.iter().map(|b| seg_req(pb::segment_request::Source::Image(b.clone()), 1)).collect();
+    let mut seg = SegmentationServiceClient::new(ch.clone());
+    let mut out = seg.segment_stream(tokio_stream::iter(reqs)).await.unwrap().into_inner();
+    assert!(out.message().await.unwrap().is_some());
+    drop(out);
+    drop(seg);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    // Had the server kept working through the abandoned stream, the last image would be cached.
+    let mut emb = EmbeddingServiceClient::new(ch);
+    let last = emb
+        .embed(pb::EmbedRequest { model_id: "tiny-random".into(), image: images[11].clone(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!last.cache_hit, "the server went on encoding images of a stream whose client had gone");
+}
+
+#[tokio::test]
+async fn tls_serves_only_tls_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    let mut settings = Settings::defaults();
+    settings.tls.cert = Some(cert.clone());
+    settings.tls.key = Some(key);
+    let s = start(settings, true).await;
+    let https = s.url.replace("http://127.0.0.1", "https://localhost");
+    let conn = skinsam::cli::Conn { server: https, token: None, ca_cert: Some(cert) };
+    let mut models = ModelServiceClient::new(conn.channel().await.unwrap());
+    assert_eq!(models.list_models(pb::ListModelsRequest {}).await.unwrap().into_inner().models.len(), 1);
+    // A plain-text client gets no answer from the TLS port.
+    let plain = Channel::from_shared(s.url.clone()).unwrap().connect().await;
+    if let Ok(ch) = plain {
+        assert!(ModelServiceClient::new(ch).list_models(pb::ListModelsRequest {}).await.is_err());
+    }
+}
+
+#[tokio::test]
+async fn half_configured_tls_is_refused() {
+    let mut settings = Settings::defaults();
+    settings.models.clear();
+    settings.tls.cert = Some("cert.pem".into());
+    let (listener, _) = bind("127.0.0.1:0").await.unwrap();
+    let err = serve(Registry::new(settings), listener, async {}).await.unwrap_err();
+    assert!(err.to_string().contains("tls.cert and tls.key"), "{err}");
+}
