@@ -16,3 +16,4 @@ pub mod settings;
 pub mod grpc;
 pub mod cli;
 pub mod loadgen;
+pub mod masks;

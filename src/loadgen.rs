@@ -169,7 +169,7 @@ pub fn in_process_decode(variant: SamVariant, checkpoint: Option<&Path>, image: 
     let run = || -> Result<()> {
         for pred in p.predict_masks(&emb, &batch, true, Masks::Best)? {
             let m = Vec::<u8>::try_from(pred.best_mask().to_kind(tch::Kind::Uint8).flatten(0, -1))?;
-            crate::grpc::masks::to_png(&m, img.height(), img.width())?;
+            crate::masks::to_png(&m, img.height(), img.width())?;
         }
         Ok(())
     };

@@ -95,7 +95,7 @@ async fn embed_then_segment_round_trip() {
     let png = image::load_from_memory(&m.png).unwrap().into_luma8();
     assert_eq!((png.width(), png.height()), (200, 150));
     let rle = m.rle.as_ref().unwrap();
-    let from_rle = skinsam::grpc::masks::from_rle(&rle.counts, 150, 200);
+    let from_rle = skinsam::masks::from_rle(&rle.counts, 150, 200);
     let from_png: Vec<u8> = png.as_raw().iter().map(|&v| u8::from(v > 127)).collect();
     assert_eq!(from_rle, from_png, "PNG and RLE carry the same mask");
     assert_eq!(m.area, from_png.iter().map(|&v| v as i64).sum::<i64>());

@@ -62,9 +62,20 @@ pub enum Source {
     Image(Vec<u8>),
 }
 
+/// Encodings of the chosen mask wanted in a segment response.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MaskEncoding {
+    pub png: bool,
+    pub rle: bool,
+}
+
 pub struct MaskOutput {
-    /// Chosen mask, row-major, 0 or 1.
-    pub mask: Vec<u8>,
+    /// Chosen mask as an 8-bit grey PNG (0 / 255), when asked for.
+    pub png: Option<Vec<u8>>,
+    /// Chosen mask as COCO uncompressed RLE counts, when asked for.
+    pub rle: Option<Vec<u32>>,
+    /// Foreground pixels of the chosen mask.
+    pub area: i64,
     pub scores: Vec<f32>,
     pub best: usize,
     pub low_res_logits: Option<Vec<f32>>,
@@ -87,6 +98,7 @@ pub enum Command {
         prompts: Vec<Prompt>,
         multimask: bool,
         low_res: bool,
+        encoding: MaskEncoding,
         enqueued: Instant,
         reply: oneshot::Sender<Result<SegmentOutput>>,
     },
@@ -251,7 +263,16 @@ impl Registry {
         rx.await.map_err(|_| Error::Unavailable(format!("model {id:?} was unloaded")))?
     }
 
-    pub async fn segment(&self, id: &str, source: Source, prompts: Vec<Prompt>, multimask: bool, low_res: bool) -> Result<SegmentOutput> {
+    #[allow(clippy::too_many_arguments)]
+    pub async fn segment(
+        &self,
+        id: &str,
+        source: Source,
+        prompts: Vec<Prompt>,
+        multimask: bool,
+        low_res: bool,
+        encoding: MaskEncoding,
+    ) -> Result<SegmentOutput> {
         let max = self.inner.settings.limits.max_prompts;
         if prompts.len() > max {
             return Err(crate::error::invalid("prompts", format!("{} prompts in one request, the limit is {max}", prompts.len())));
@@ -260,7 +281,7 @@ impl Registry {
             return Err(crate::error::invalid("prompts", "no prompt given (send an empty Prompt for the no-prompt case)"));
         }
         let (reply, rx) = oneshot::channel();
-        self.send(id, Command::Segment { source, prompts, multimask, low_res, enqueued: Instant::now(), reply })?;
+        self.send(id, Command::Segment { source, prompts, multimask, low_res, encoding, enqueued: Instant::now(), reply })?;
         rx.await.map_err(|_| Error::Unavailable(format!("model {id:?} was unloaded")))?
     }
 }

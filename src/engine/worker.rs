@@ -1,9 +1,10 @@
 //! The thread that owns one model: loads it, warms it up, then serves its queue.
 
 use super::cache::{EmbeddingCache, Lookup};
-use super::{Command, EmbedOutput, EmbeddingFormat, MaskOutput, ModelInfo, ModelState, Registry, SegmentOutput, Source};
+use super::{Command, EmbedOutput, EmbeddingFormat, MaskEncoding, MaskOutput, ModelInfo, ModelState, Registry, SegmentOutput, Source};
 use crate::error::{Error, Result};
 use crate::image_io::decode_rgb;
+use crate::masks::{to_png, to_rle};
 use crate::metrics as m;
 use crate::model::Sam;
 use crate::predictor::{ImageEmbedding, Masks, Predictor, Prompt};
@@ -114,14 +115,14 @@ impl Worker {
                     }
                     tch::no_grad(|| self.embed_batch(batch));
                 }
-                Command::Segment { source, prompts, multimask, low_res, enqueued, reply } => {
+                Command::Segment { source, prompts, multimask, low_res, encoding, enqueued, reply } => {
                     if reply.is_closed() {
                         continue; // the client went away
                     }
                     let queue = enqueued.elapsed();
                     metrics::histogram!(m::QUEUE_SECONDS, "model" => self.id.clone()).record(queue.as_secs_f64());
                     let t = Instant::now();
-                    let r = tch::no_grad(|| self.segment(source, &prompts, multimask, low_res)).map(|mut o| {
+                    let r = tch::no_grad(|| self.segment(source, &prompts, multimask, low_res, encoding)).map(|mut o| {
                         o.queue = queue;
                         o.compute = t.elapsed();
                         o
@@ -249,7 +250,7 @@ impl Worker {
         }
     }
 
-    fn segment(&mut self, source: Source, prompts: &[Prompt], multimask: bool, low_res: bool) -> Result<SegmentOutput> {
+    fn segment(&mut self, source: Source, prompts: &[Prompt], multimask: bool, low_res: bool, encoding: MaskEncoding) -> Result<SegmentOutput> {
         let (handle, emb) = match source {
             Source::Handle(h) => {
                 let e = self.lookup(&h)?;
@@ -276,7 +277,14 @@ impl Worker {
             let best = p.best as i64;
             let mask = Vec::<u8>::try_from(p.best_mask().to_kind(Kind::Uint8).flatten(0, -1))?;
             let low = if low_res { Some(Vec::<f32>::try_from(p.low_res_logits.get(best).flatten(0, -1))?) } else { None };
-            masks.push(MaskOutput { mask, scores: p.iou_predictions, best: p.best, low_res_logits: low, clipped: p.clipped });
+            let t_enc = Instant::now();
+            // Encoded here, on the model's thread: handing masks to another thread for this
+            // cost more latency than the encoding itself.
+            let png = if encoding.png { Some(to_png(&mask, h as u32, w as u32)?) } else { None };
+            let rle = encoding.rle.then(|| to_rle(&mask, h as usize, w as usize));
+            stage(&self.id, "encode_mask", t_enc.elapsed());
+            let area = mask.iter().map(|&v| i64::from(v)).sum();
+            masks.push(MaskOutput { png, rle, area, scores: p.iou_predictions, best: p.best, low_res_logits: low, clipped: p.clipped });
         }
         stage(&self.id, "postprocess", t.elapsed());
         Ok(SegmentOutput { handle, height: h, width: w, masks, queue: Duration::ZERO, compute: Duration::ZERO })

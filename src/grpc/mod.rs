@@ -2,7 +2,6 @@
 
 pub mod convert;
 pub mod embedding;
-pub mod masks;
 pub mod models;
 pub mod segmentation;
 pub mod server;

@@ -1,13 +1,10 @@
 //! SegmentationService: prompts against a cached embedding or an inline image.
 
 use super::convert::{mask_format, prompt_from_pb};
-use super::masks::{to_png, to_rle};
 use super::pb::{self, segmentation_service_server::SegmentationService};
 use super::{ordered_stream, to_status, Observe, ResponseStream};
-use crate::engine::{Registry, Source};
+use crate::engine::{MaskEncoding, Registry, Source};
 use crate::error::{invalid, Error};
-use crate::metrics as m;
-use std::time::Instant;
 use tonic::{Request, Response, Status, Streaming};
 
 pub struct Segmentation {
@@ -28,31 +25,23 @@ async fn run(registry: &Registry, r: pb::SegmentRequest) -> Result<pb::SegmentRe
         let fmt = mask_format(r.mask_format, "mask_format")?;
         Ok((source, prompts, fmt))
     };
-    let (source, prompts, (want_png, want_rle)) = parse().map_err(to_status)?;
-    let out = registry.segment(&r.model_id, source, prompts, r.multimask_output, r.return_low_res_logits).await.map_err(to_status)?;
-    let model = r.model_id.clone();
+    let (source, prompts, (png, rle)) = parse().map_err(to_status)?;
+    let encoding = MaskEncoding { png, rle };
+    let out = registry.segment(&r.model_id, source, prompts, r.multimask_output, r.return_low_res_logits, encoding).await.map_err(to_status)?;
     let (h, w) = (out.height, out.width);
-    // PNG and RLE encoding off the async threads.
-    let masks = tokio::task::spawn_blocking(move || -> Result<Vec<pb::MaskResult>, Error> {
-        let t = Instant::now();
-        let mut v = Vec::with_capacity(out.masks.len());
-        for mk in out.masks {
-            v.push(pb::MaskResult {
-                png: if want_png { to_png(&mk.mask, h as u32, w as u32)? } else { Vec::new() },
-                rle: want_rle.then(|| pb::Rle { height: h as i32, width: w as i32, counts: to_rle(&mk.mask, h as usize, w as usize) }),
-                scores: mk.scores,
-                chosen_index: mk.best as i32,
-                area: mk.mask.iter().map(|&v| i64::from(v)).sum(),
-                low_res_logits: mk.low_res_logits.unwrap_or_default(),
-                clipped: mk.clipped,
-            });
-        }
-        metrics::histogram!(m::STAGE_SECONDS, "model" => model, "stage" => "encode_png").record(t.elapsed().as_secs_f64());
-        Ok(v)
-    })
-    .await
-    .map_err(|e| to_status(Error::Internal(format!("mask encoding task: {e}"))))?
-    .map_err(to_status)?;
+    let masks = out
+        .masks
+        .into_iter()
+        .map(|mk| pb::MaskResult {
+            png: mk.png.unwrap_or_default(),
+            rle: mk.rle.map(|counts| pb::Rle { height: h as i32, width: w as i32, counts }),
+            scores: mk.scores,
+            chosen_index: mk.best as i32,
+            area: mk.area,
+            low_res_logits: mk.low_res_logits.unwrap_or_default(),
+            clipped: mk.clipped,
+        })
+        .collect();
     Ok(pb::SegmentResponse {
         request_id: r.request_id,
         embedding_handle: out.handle,
