@@ -45,12 +45,58 @@ impl Attention {
         let r_q = q.reshape([b * heads, h, w, head_dim]);
         let rel_h = Tensor::einsum("bhwc,hkc->bhwk", &[&r_q, &rh], None::<i64>);
         let rel_w = Tensor::einsum("bhwc,wkc->bhwk", &[&r_q, &rw], None::<i64>);
-        let bias = (rel_h.unsqueeze(-1) + rel_w.unsqueeze(-2)).reshape([b, heads, n, n]);
-        // Fused attention: the bias is the additive mask; the default scale is head_dim^-0.5,
-        // as in the official code.
-        let out = Tensor::scaled_dot_product_attention(&q, &k, &v, Some(&bias), 0.0, false, None, false);
+        let scale = (head_dim as f64).powf(-0.5);
+        let out = if n >= CHUNKED_ATTENTION_MIN_TOKENS {
+            let bh = b * heads;
+            chunked_rel_pos_attention(
+                &q.reshape([bh, n, head_dim]),
+                &k.reshape([bh, n, head_dim]),
+                &v.reshape([bh, n, head_dim]),
+                &rel_h,
+                &rel_w,
+                scale,
+            )
+            .reshape([b, heads, n, head_dim])
+        } else {
+            // Windows: fused attention with the bias as the additive mask (small: 196 x 196).
+            let bias = (rel_h.unsqueeze(-1) + rel_w.unsqueeze(-2)).reshape([b, heads, n, n]);
+            Tensor::scaled_dot_product_attention(&q, &k, &v, Some(&bias), 0.0, false, scale, false)
+        };
         out.permute([0, 2, 1, 3]).reshape([b, h, w, c]).apply(&self.proj)
     }
+}
+
+/// Global attention (64 x 64 = 4096 tokens) goes through [`chunked_rel_pos_attention`].
+const CHUNKED_ATTENTION_MIN_TOKENS: i64 = 1024;
+/// Queries per chunk: the chunk's logits (256 x 4096 fp32, 4 MiB) stay in cache.
+const QUERIES_PER_CHUNK: i64 = 256;
+
+/// softmax(q k^T * scale + rel_h + rel_w) v, a few image rows of queries at a time. The fused
+/// kernel needs the bias as a full (heads, N, N) mask: 805 MB for vit_b's global blocks, whose
+/// writing and reading cost as much as the attention itself on a CPU. Here the decomposed bias
+/// is added in place to each chunk's logits while they are in cache.
+///
+/// q, k, v: (BH, N, C) with N = h * w; rel_h: (BH, h, w, h); rel_w: (BH, h, w, w).
+fn chunked_rel_pos_attention(q: &Tensor, k: &Tensor, v: &Tensor, rel_h: &Tensor, rel_w: &Tensor, scale: f64) -> Tensor {
+    let (bh, h, w, _) = rel_h.size4().expect("rel_h is (BH, h, w, h)");
+    let rows = (QUERIES_PER_CHUNK / w).max(1);
+    let q = q * scale;
+    let mut outs = Vec::with_capacity((bh * ((h + rows - 1) / rows)) as usize);
+    for i in 0..bh {
+        let (qi, kt, vi) = (q.get(i), k.get(i).transpose(0, 1), v.get(i));
+        let (rh, rw) = (rel_h.get(i), rel_w.get(i));
+        let mut r0 = 0;
+        while r0 < h {
+            let r = rows.min(h - r0);
+            let mut logits = qi.narrow(0, r0 * w, r * w).matmul(&kt).view([r, w, h, w]);
+            let _ = logits.g_add_(&rh.narrow(0, r0, r).unsqueeze(-1));
+            let _ = logits.g_add_(&rw.narrow(0, r0, r).unsqueeze(-2));
+            let probs = logits.view([r * w, h * w]).softmax(-1, q.kind());
+            outs.push(probs.matmul(&vi));
+            r0 += r;
+        }
+    }
+    Tensor::cat(&outs, 0).view([bh, h * w, -1])
 }
 
 /// Relative positions table (q_size, k_size, C) for equal query and key sizes, as
