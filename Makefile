@@ -2,7 +2,7 @@
 # Both first install libtorch (PyPI wheel torch==2.13.0) into .venv when missing.
 SHELL := /bin/bash
 
-.PHONY: env serve test bench parity-vit-b loadgen
+.PHONY: env serve test bench parity-vit-b loadgen helm-check
 
 env:
 	@scripts/setup-env.sh
@@ -11,11 +11,13 @@ serve: env
 	cargo run --release -- serve
 
 # Rust tests (parity, checkpoints, bad input, predictor, in-process server), then a Python
-# client generated from proto/ against the real binary (and promtool on /metrics if installed).
+# client generated from proto/ against the real binary (and promtool on /metrics if installed),
+# then the Helm chart checks (scripts/helm-check.sh).
 test: env
 	cargo test
 	cargo build
 	.venv/bin/python scripts/python_client_test.py target/debug/skinsam
+	scripts/helm-check.sh
 
 # Speed and memory against the official package, side by side (see BENCHMARKS.md).
 bench: env
@@ -29,3 +31,8 @@ loadgen: env
 parity-vit-b: env
 	.venv/bin/python scripts/make_golden.py --variant vit_b --out target/golden-vit_b
 	cargo run --release -- parity --golden target/golden-vit_b
+
+# The Helm chart: lint (strict), render each example values file, validate the manifests against
+# the Kubernetes schemas, and check that bad values are refused. Fetches helm into .tools/.
+helm-check:
+	scripts/helm-check.sh

@@ -13,6 +13,11 @@ fn main() {
         let dir = std::fs::canonicalize(PathBuf::from(&dir)).unwrap_or_else(|_| PathBuf::from(dir));
         println!("cargo:rustc-link-arg=-Wl,-rpath,{}", dir.display());
         println!("cargo:rustc-env=SKINSAM_LIBTORCH_LIB={}", dir.display());
+        // Nothing references libtorch_cuda's symbols directly, so --as-needed would drop it and
+        // CUDA would never register: keep it as a dependency whenever the wheel has it.
+        if dir.join("libtorch_cuda.so").exists() {
+            println!("cargo:rustc-link-arg=-Wl,--push-state,--no-as-needed,-L{},-ltorch_cuda,--pop-state", dir.display());
+        }
     }
 }
 

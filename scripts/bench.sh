@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Benchmarks SkinSAM against the official segment-anything package in one run, on the same
 # machine, image, prompt and random weights. Writes target/bench/results.jsonl and prints it.
-# VARIANTS="vit_b vit_l vit_h" (default), PRECISIONS="fp32 bf16" (default), DEVICE=auto.
+# VARIANTS="vit_b vit_l vit_h" (default), PRECISIONS="fp32 bf16" (default), DEVICE=auto;
+# BIN and PYTHON override the binary (no build then) and the Python with segment-anything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VARIANTS=${VARIANTS:-"vit_b vit_l vit_h"}
@@ -14,11 +15,12 @@ EMBED_REPEAT=${EMBED_REPEAT:-3}
 out=target/bench
 mkdir -p "$out"
 touch "$out/results.jsonl"
-cargo build --release -q
+PY=${PYTHON:-.venv/bin/python}
+if [ -z "${BIN:-}" ]; then cargo build --release -q; BIN=target/release/skinsam; fi
 for v in $VARIANTS; do
   ckpt="$out/sam_$v.pth"
   if [ ! -f "$ckpt" ]; then
-    .venv/bin/python - "$v" "$ckpt" <<'PY'
+    "$PY" - "$v" "$ckpt" <<'PY'
 import sys, torch
 from segment_anything import sam_model_registry
 torch.manual_seed(0)
@@ -26,15 +28,15 @@ torch.save(sam_model_registry[sys.argv[1]]().state_dict(), sys.argv[2] + ".tmp")
 import os; os.replace(sys.argv[2] + ".tmp", sys.argv[2])
 PY
   fi
-  .venv/bin/python scripts/bench_official.py --variant "$v" --checkpoint "$ckpt" --embed-repeat "$EMBED_REPEAT" --image $IMAGE --box $BOX --point $POINT \
+  "$PY" scripts/bench_official.py --device "$DEVICE" --variant "$v" --checkpoint "$ckpt" --embed-repeat "$EMBED_REPEAT" --image $IMAGE --box $BOX --point $POINT \
     | tee -a "$out/results.jsonl"
   for p in $PRECISIONS; do
-    target/release/skinsam bench --variant "$v" --checkpoint "$ckpt" --embed-repeat "$EMBED_REPEAT" --image $IMAGE --box $BOX --point $POINT \
+    "$BIN" bench --variant "$v" --checkpoint "$ckpt" --embed-repeat "$EMBED_REPEAT" --image $IMAGE --box $BOX --point $POINT \
       --precision "$p" --device "$DEVICE" | tee -a "$out/results.jsonl"
   done
   for p in $PRECISIONS; do
     [ "$p" = fp32 ] && continue
-    target/release/skinsam precision-agreement --variant "$v" --checkpoint "$ckpt" --precision "$p" --device "$DEVICE" \
+    "$BIN" precision-agreement --variant "$v" --checkpoint "$ckpt" --precision "$p" --device "$DEVICE" \
       --data "${AGREEMENT_DATA:-../shared/data/ham10000}" --n "${AGREEMENT_N:-20}" | tee -a "$out/results.jsonl"
   done
 done

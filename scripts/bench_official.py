@@ -25,11 +25,16 @@ def main():
     ap.add_argument("--embed-repeat", type=int, default=3)
     ap.add_argument("--predict-repeat", type=int, default=30)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     sam = sam_model_registry[args.variant](checkpoint=args.checkpoint)
-    sam.eval()
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    sam.to(args.device).eval()
+    cuda = args.device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     predictor = SamPredictor(sam)
     image = np.array(Image.open(args.image).convert("RGB"))
     box = np.array([float(v) for v in args.box.split(",")])
@@ -40,6 +45,7 @@ def main():
         for _ in range(args.embed_repeat):
             t = time.perf_counter()
             predictor.set_image(image)
+            sync()
             embed.append(time.perf_counter() - t)
         predictor.predict(point_coords=point, point_labels=np.array([1]), box=box, multimask_output=True)
         pred = []
@@ -55,6 +61,9 @@ def main():
         "embed_ms": 1e3 * statistics.median(embed),
         "predict_ms": 1e3 * statistics.median(pred),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        # Device-wide, like skinsam's: the same cudaMemGetInfo reading.
+        **({"gpu_used_mb": (lambda f, t: (t - f) / 2**20)(*torch.cuda.mem_get_info())} if cuda else {}),
+        "device": args.device,
     }))
 
 

@@ -12,10 +12,12 @@ IMAGE=tests/fixtures/images/ISIC_0024311.png
 BOX=71,105,514,409
 POINT=289,255
 REQUESTS=${REQUESTS:-200}
-cargo build --release -q
+# BIN overrides the binary (no build then); DEVICE the models' device (default auto).
+if [ -z "${BIN:-}" ]; then cargo build --release -q; BIN=target/release/skinsam; fi
 cat > "$out/server.toml" <<TOML
 grpc_addr = "127.0.0.1:50199"
-metrics_addr = ""
+metrics_addr = "${METRICS_ADDR:-}"
+default_device = "${DEVICE:-auto}"
 [[models]]
 id = "vit_b"
 variant = "vit_b"
@@ -24,18 +26,22 @@ id = "tiny"
 variant = "tiny"
 checkpoint = "tests/fixtures/golden/sam_tiny.pth"
 TOML
-target/release/skinsam serve --config "$out/server.toml" > "$out/server.log" 2>&1 &
+"$BIN" serve --config "$out/server.toml" > "$out/server.log" 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null || true' EXIT
 for _ in $(seq 300); do
-  [ "$(target/release/skinsam models --server http://127.0.0.1:50199 2>/dev/null | grep -c Ready)" = 2 ] && break
+  [ "$("$BIN" models --server http://127.0.0.1:50199 2>/dev/null | grep -c Ready)" = 2 ] && break
   sleep 1
 done
-target/release/skinsam loadgen --server http://127.0.0.1:50199 --model vit_b --image $IMAGE --box $BOX --point $POINT \
+"$BIN" loadgen --server http://127.0.0.1:50199 --model vit_b --image $IMAGE --box $BOX --point $POINT \
   --concurrency 1,8,32 --requests "$REQUESTS" | tee -a "$out/results.jsonl"
-target/release/skinsam loadgen --server http://127.0.0.1:50199 --model tiny --image $IMAGE --box $BOX --point $POINT \
+"$BIN" loadgen --server http://127.0.0.1:50199 --model tiny --image $IMAGE --box $BOX --point $POINT \
   --concurrency 1 --requests 20 --embed-images 32 --embed-concurrency 1,8 | tee -a "$out/results.jsonl"
+if [ -n "${METRICS_ADDR:-}" ]; then
+  python3 -c 'import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1]).read().decode())' \
+    "http://$METRICS_ADDR/metrics" > "$out/metrics.txt" || true
+fi
 kill $server; wait $server 2>/dev/null || true
 trap - EXIT
-target/release/skinsam decode-inproc --variant vit_b --image $IMAGE --box $BOX --point $POINT --n "$REQUESTS" \
+"$BIN" decode-inproc --variant vit_b --image $IMAGE --box $BOX --point $POINT --n "$REQUESTS" --device "${DEVICE:-auto}" \
   | tee -a "$out/results.jsonl"

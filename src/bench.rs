@@ -19,6 +19,10 @@ pub struct TimingReport {
     pub embed_ms: f64,
     pub predict_ms: f64,
     pub peak_rss_mb: f64,
+    /// Device-wide CUDA memory in use after the runs (cudaMemGetInfo), on CUDA only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu_used_mb: Option<f64>,
+    pub device: String,
 }
 
 /// Peak resident memory of this process (VmHWM), in MiB.
@@ -94,6 +98,11 @@ pub fn time_predictor(a: TimingArgs) -> Result<TimingReport> {
         embed_ms: median(embed),
         predict_ms: median(pred),
         peak_rss_mb: peak_rss_mb(),
+        gpu_used_mb: match a.device {
+            Device::Cuda(i) => crate::device::cuda_memory(i).map(|(used, _)| used as f64 / (1024.0 * 1024.0)),
+            _ => None,
+        },
+        device: format!("{:?}", a.device).to_lowercase(),
     })
 }
 

@@ -22,3 +22,38 @@ fn cuda(n: usize) -> Result<Device> {
     }
     Ok(Device::Cuda(n))
 }
+
+/// Used and total memory of CUDA device `index` in bytes (device-wide, as nvidia-smi shows it),
+/// from cudaMemGetInfo. The CUDA runtime is opened with dlopen: libtorch has already loaded it
+/// when a model runs on CUDA, and CPU-only machines need no CUDA library at all.
+pub fn cuda_memory(index: usize) -> Option<(u64, u64)> {
+    use std::sync::OnceLock;
+    static CUDART: OnceLock<Option<libloading::Library>> = OnceLock::new();
+    let lib = CUDART
+        .get_or_init(|| {
+            ["libcudart.so.13", "libcudart.so.12", "libcudart.so"]
+                .iter()
+                // SAFETY: loading the CUDA runtime runs only its own initialisers.
+                .find_map(|name| unsafe { libloading::Library::new(name) }.ok())
+        })
+        .as_ref()?;
+    // SAFETY: both signatures are those of the CUDA runtime API (cudaError_t is a C int).
+    unsafe {
+        let set_device: libloading::Symbol<unsafe extern "C" fn(i32) -> i32> = lib.get(b"cudaSetDevice\0").ok()?;
+        let mem_get_info: libloading::Symbol<unsafe extern "C" fn(*mut usize, *mut usize) -> i32> =
+            lib.get(b"cudaMemGetInfo\0").ok()?;
+        if set_device(i32::try_from(index).ok()?) != 0 {
+            return None;
+        }
+        let (mut free, mut total) = (0usize, 0usize);
+        if mem_get_info(&mut free, &mut total) != 0 {
+            return None;
+        }
+        Some(((total - free) as u64, total as u64))
+    }
+}
+
+/// The CUDA index of a model's device as the registry shows it ("cuda(0)"), if it is one.
+pub fn cuda_index(device: &str) -> Option<usize> {
+    device.strip_prefix("cuda(")?.strip_suffix(')')?.parse().ok()
+}

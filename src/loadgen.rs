@@ -156,12 +156,20 @@ pub async fn embed_load(url: &str, model: &str, images: Vec<Vec<u8>>, concurrenc
 
 /// The same decode as a Segment request, in-process: predict (best mask post-processed) and
 /// PNG encoding, sequentially.
-pub fn in_process_decode(variant: SamVariant, checkpoint: Option<&Path>, image: &Path, prompt: &Prompt, prompts: usize, n: usize) -> Result<LatencyReport> {
+pub fn in_process_decode(
+    variant: SamVariant,
+    checkpoint: Option<&Path>,
+    device: tch::Device,
+    image: &Path,
+    prompt: &Prompt,
+    prompts: usize,
+    n: usize,
+) -> Result<LatencyReport> {
     let bytes = std::fs::read(image).map_err(|e| Error::Internal(format!("{}: {e}", image.display())))?;
     let img = crate::image_io::decode_rgb(&bytes, "image", u64::MAX)?;
     let sam = match checkpoint {
-        Some(c) => Sam::load(variant, c, tch::Device::Cpu)?.0,
-        None => tch::no_grad(|| Sam::new(variant, tch::Device::Cpu)),
+        Some(c) => Sam::load(variant, c, device)?.0,
+        None => tch::no_grad(|| Sam::new(variant, device)),
     };
     let p = Predictor::new(sam);
     let emb = p.set_image(&img)?;

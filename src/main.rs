@@ -159,6 +159,8 @@ enum Command {
         n: usize,
         #[arg(long, default_value_t = 1)]
         prompts: usize,
+        #[arg(long, default_value = "auto")]
+        device: String,
     },
     /// Mask agreement of a reduced precision with fp32 on real images (HAM10000 layout); prints JSON.
     PrecisionAgreement {
@@ -318,9 +320,9 @@ fn main() -> anyhow::Result<()> {
                 anyhow::Ok(())
             })?;
         }
-        Command::DecodeInproc { variant, checkpoint, image, r#box, point, n, prompts } => {
+        Command::DecodeInproc { variant, checkpoint, image, r#box, point, n, prompts, device } => {
             let prompt = Prompt { points: vec![PointPrompt { x: point[0], y: point[1], label: 1 }], bbox: Some(r#box), mask_input: None };
-            let r = skinsam::loadgen::in_process_decode(variant, checkpoint.as_deref(), &image, &prompt, prompts, n)?;
+            let r = skinsam::loadgen::in_process_decode(variant, checkpoint.as_deref(), skinsam::device::parse_device(&device)?, &image, &prompt, prompts, n)?;
             println!("{}", serde_json::to_string(&r)?);
         }
         Command::PrecisionAgreement { variant, checkpoint, precision, data, n, device } => {

@@ -1,5 +1,5 @@
 //! Prometheus metric names (all here), their descriptions and the exporter.
-//! Labels stay low-cardinality: rpc, model, stage, code, result.
+//! Labels stay low-cardinality: rpc, model, stage, code, result, device.
 
 use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
@@ -14,6 +14,8 @@ pub const CACHE_LOOKUPS_TOTAL: &str = "skinsam_embedding_cache_lookups_total";
 pub const CACHE_BYTES: &str = "skinsam_embedding_cache_bytes";
 pub const MODELS: &str = "skinsam_models";
 pub const PROMPTS_TOTAL: &str = "skinsam_prompts_total";
+pub const GPU_MEMORY_USED_BYTES: &str = "skinsam_gpu_memory_used_bytes";
+pub const GPU_MEMORY_TOTAL_BYTES: &str = "skinsam_gpu_memory_total_bytes";
 
 /// Request latencies: 1 ms (a cached decode) to 2 minutes (vit_h on CPU).
 const LATENCY_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0];
@@ -28,6 +30,8 @@ pub fn describe() {
     describe_gauge!(CACHE_BYTES, Unit::Bytes, "Bytes held by the embedding cache, by model");
     describe_gauge!(MODELS, "Hosted models by state (loading, ready, failed)");
     describe_counter!(PROMPTS_TOTAL, "Prompts decoded, by model");
+    describe_gauge!(GPU_MEMORY_USED_BYTES, Unit::Bytes, "Memory in use on a CUDA device hosting a model (device-wide), by device");
+    describe_gauge!(GPU_MEMORY_TOTAL_BYTES, Unit::Bytes, "Memory of a CUDA device hosting a model, by device");
 }
 
 /// Starts the /metrics HTTP listener. Call inside the tokio runtime.

@@ -57,6 +57,7 @@ pub async fn serve(registry: Registry, listener: TcpListener, shutdown: impl Fut
             }
         }
     });
+    tokio::spawn(watch_gpu_memory(registry.clone()));
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -103,4 +104,23 @@ pub async fn bind(addr: &str) -> anyhow::Result<(TcpListener, SocketAddr)> {
     let l = TcpListener::bind(addr).await?;
     let a = l.local_addr()?;
     Ok((l, a))
+}
+
+/// Sets the GPU memory gauges every few seconds for each CUDA device that hosts a model.
+async fn watch_gpu_memory(registry: Registry) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tick.tick().await;
+        let mut devices: Vec<usize> = registry.list().iter().filter_map(|m| crate::device::cuda_index(&m.device)).collect();
+        devices.sort_unstable();
+        devices.dedup();
+        for index in devices {
+            let Ok(Some((used, total))) = tokio::task::spawn_blocking(move || crate::device::cuda_memory(index)).await else {
+                continue;
+            };
+            let label = format!("cuda:{index}");
+            metrics::gauge!(crate::metrics::GPU_MEMORY_USED_BYTES, "device" => label.clone()).set(used as f64);
+            metrics::gauge!(crate::metrics::GPU_MEMORY_TOTAL_BYTES, "device" => label).set(total as f64);
+        }
+    }
 }
