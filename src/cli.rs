@@ -57,7 +57,7 @@ impl Conn {
         Ok(ep.connect().await.with_context(|| format!("connecting to {}", self.server))?)
     }
 
-    fn request<T>(&self, msg: T) -> anyhow::Result<tonic::Request<T>> {
+    pub fn request<T>(&self, msg: T) -> anyhow::Result<tonic::Request<T>> {
         request(msg, self.token.as_deref())
     }
 }

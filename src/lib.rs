@@ -17,3 +17,4 @@ pub mod grpc;
 pub mod cli;
 pub mod loadgen;
 pub mod masks;
+pub mod eval;

@@ -51,6 +51,26 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Evaluate models on a dataset through a running server; writes a report folder.
+    Eval {
+        #[command(flatten)]
+        eval: EvalCli,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// A/B comparison: `eval` with two or more models (the first is the reference), paired.
+    Compare {
+        #[command(flatten)]
+        eval: EvalCli,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Merge the report folders of a sharded evaluation into one report.
+    MergeReports {
+        #[arg(long)]
+        out: PathBuf,
+        shards: Vec<PathBuf>,
+    },
     /// Compare against golden outputs of the official package (scripts/make_golden.py).
     Parity {
         #[arg(long, default_value = "tests/fixtures/golden")]
@@ -181,6 +201,78 @@ enum Command {
 }
 
 #[derive(clap::Args)]
+struct EvalCli {
+    /// Model id (repeatable); "box-ellipse" is the model-free baseline.
+    #[arg(long = "model", required = true)]
+    models: Vec<String>,
+    /// Dataset folder (HAM10000 layout, or images/ + masks/); read by the server unless --upload.
+    #[arg(long)]
+    dataset: PathBuf,
+    /// Read the images here and stream them to the server.
+    #[arg(long)]
+    upload: bool,
+    /// Report folder.
+    #[arg(long, default_value = "eval-report")]
+    out: PathBuf,
+    /// none, point, box or box_point (the paper's).
+    #[arg(long, default_value = "box_point")]
+    mode: skinsam::eval::prompts::PromptMode,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Width the prompt offsets refer to (600 for downscaled HAM10000 copies); 0 = own width.
+    #[arg(long, default_value_t = 0)]
+    reference_width: u32,
+    #[arg(long)]
+    margin: Option<f32>,
+    #[arg(long)]
+    max_shift: Option<f32>,
+    #[arg(long)]
+    max_scale: Option<f32>,
+    /// At most this many images (0 = all).
+    #[arg(long, default_value_t = 0)]
+    limit: u32,
+    /// Only these lesion types (repeatable).
+    #[arg(long = "label")]
+    labels: Vec<String>,
+    #[arg(long, default_value_t = 0)]
+    shard_index: u32,
+    #[arg(long, default_value_t = 0)]
+    shard_count: u32,
+    /// One mask per prompt instead of the best of three.
+    #[arg(long)]
+    single_mask: bool,
+    #[arg(long, default_value_t = 0)]
+    summary_every: u32,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+impl EvalCli {
+    fn args(self) -> skinsam::eval::client::EvalArgs {
+        skinsam::eval::client::EvalArgs {
+            models: self.models,
+            dataset: self.dataset,
+            upload: self.upload,
+            out: self.out,
+            mode: self.mode,
+            seed: self.seed,
+            reference_width: self.reference_width,
+            margin: self.margin,
+            max_shift: self.max_shift,
+            max_scale: self.max_scale,
+            limit: self.limit,
+            labels: self.labels,
+            shard_index: self.shard_index,
+            shard_count: self.shard_count,
+            single_mask: self.single_mask,
+            summary_every: self.summary_every,
+            quiet: self.quiet,
+        }
+    }
+}
+
+#[derive(clap::Args)]
 struct ClientArgs {
     /// Server address.
     #[arg(long, default_value = "http://127.0.0.1:50051")]
@@ -220,6 +312,14 @@ fn main() -> anyhow::Result<()> {
     match command {
         Command::Serve { config } => skinsam::cli::serve(config.as_deref())?,
         Command::Models { client } => skinsam::cli::models(&client.conn())?,
+        Command::Eval { eval, client } => skinsam::eval::client::eval(&client.conn(), eval.args())?,
+        Command::Compare { eval, client } => {
+            if eval.models.len() < 2 {
+                bail!("compare needs two or more --model (the first is the reference)");
+            }
+            skinsam::eval::client::eval(&client.conn(), eval.args())?
+        }
+        Command::MergeReports { out, shards } => skinsam::eval::client::merge_reports(&out, &shards)?,
         Command::Embed { image, model, client } => skinsam::cli::embed(&client.conn(), &model, &image)?,
         Command::Segment { image, model, r#box, point, out, client } => {
             skinsam::cli::segment(&client.conn(), &model, &image, r#box, &point, &out)?

@@ -14,6 +14,8 @@ pub const CACHE_LOOKUPS_TOTAL: &str = "skinsam_embedding_cache_lookups_total";
 pub const CACHE_BYTES: &str = "skinsam_embedding_cache_bytes";
 pub const MODELS: &str = "skinsam_models";
 pub const PROMPTS_TOTAL: &str = "skinsam_prompts_total";
+pub const ALIAS_ROUTED_TOTAL: &str = "skinsam_alias_routed_total";
+pub const EVAL_IMAGES_TOTAL: &str = "skinsam_eval_images_total";
 pub const GPU_MEMORY_USED_BYTES: &str = "skinsam_gpu_memory_used_bytes";
 pub const GPU_MEMORY_TOTAL_BYTES: &str = "skinsam_gpu_memory_total_bytes";
 
@@ -26,10 +28,12 @@ pub fn describe() {
     describe_histogram!(QUEUE_SECONDS, Unit::Seconds, "Time a command waited for its model's worker");
     describe_counter!(REQUESTS_TOTAL, "gRPC requests by rpc and status code");
     describe_gauge!(IN_FLIGHT, "Requests being handled, by rpc");
-    describe_counter!(CACHE_LOOKUPS_TOTAL, "Embedding cache lookups by model and result (hit, miss, evicted)");
+    describe_counter!(CACHE_LOOKUPS_TOTAL, "Embedding cache lookups by model and result (hit, disk, miss, evicted)");
     describe_gauge!(CACHE_BYTES, Unit::Bytes, "Bytes held by the embedding cache, by model");
     describe_gauge!(MODELS, "Hosted models by state (loading, ready, failed)");
     describe_counter!(PROMPTS_TOTAL, "Prompts decoded, by model");
+    describe_counter!(ALIAS_ROUTED_TOTAL, "Segment requests an alias routed, by alias and model (online A/B)");
+    describe_counter!(EVAL_IMAGES_TOTAL, "Images evaluated, by model and result (scored, skipped)");
     describe_gauge!(GPU_MEMORY_USED_BYTES, Unit::Bytes, "Memory in use on a CUDA device hosting a model (device-wide), by device");
     describe_gauge!(GPU_MEMORY_TOTAL_BYTES, Unit::Bytes, "Memory of a CUDA device hosting a model, by device");
 }

@@ -64,6 +64,34 @@ pub struct TlsSettings {
     pub key: Option<PathBuf>,
 }
 
+/// Dataset evaluation (EvaluationService).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+pub struct EvalSettings {
+    /// Folders under which Evaluate may read server-side datasets; empty = none allowed
+    /// (clients can still stream images with EvaluateUpload).
+    #[serde(default)]
+    pub dataset_roots: Vec<PathBuf>,
+    /// Where image embeddings are persisted (safetensors keyed by checkpoint checksum + image
+    /// hash) so a later evaluation or training run does not re-encode; absent = memory only.
+    #[serde(default)]
+    pub embedding_store: Option<PathBuf>,
+}
+
+/// One target of an alias.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+pub struct AliasRoute {
+    pub model: String,
+    pub weight: u32,
+}
+
+/// A model id that routes Segment requests between models by weight (online A/B, canary),
+/// sticky per image: the same image always goes to the same model.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+pub struct AliasSettings {
+    pub name: String,
+    pub routes: Vec<AliasRoute>,
+}
+
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 pub struct Settings {
     pub grpc_addr: String,
@@ -81,6 +109,10 @@ pub struct Settings {
     pub auth: AuthSettings,
     #[serde(default)]
     pub tls: TlsSettings,
+    #[serde(default)]
+    pub eval: EvalSettings,
+    #[serde(default)]
+    pub aliases: Vec<AliasSettings>,
 }
 
 const DEFAULTS: &str = r#"

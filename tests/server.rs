@@ -2,53 +2,15 @@
 //! streaming order and chunking, limits, auth, health and hot load/unload.
 
 mod common;
+use common::{channel, start};
 use skinsam::engine::Registry;
 use skinsam::grpc::pb::{self, embedding_service_client::EmbeddingServiceClient, model_service_client::ModelServiceClient,
     segmentation_service_client::SegmentationServiceClient};
-use skinsam::grpc::server::{bind, load_configured, serve};
 use skinsam::settings::Settings;
 use std::time::Duration;
 use tonic::transport::Channel;
 use tonic::Code;
 use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
-
-struct TestServer {
-    url: String,
-    registry: Registry,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-}
-
-impl Drop for TestServer {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-    }
-}
-
-async fn start(settings: Settings, wait_ready: bool) -> TestServer {
-    let (listener, addr) = bind("127.0.0.1:0").await.unwrap();
-    let registry = Registry::new(settings);
-    load_configured(&registry);
-    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(serve(registry.clone(), listener, async move {
-        let _ = rx.await;
-    }));
-    if wait_ready {
-        for _ in 0..600 {
-            if registry.any_ready() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        assert!(registry.any_ready(), "model ready: {:?}", registry.list());
-    }
-    TestServer { url: format!("http://{addr}"), registry, stop: Some(stop) }
-}
-
-async fn channel(s: &TestServer) -> Channel {
-    Channel::from_shared(s.url.clone()).unwrap().connect().await.unwrap()
-}
 
 fn image() -> Vec<u8> {
     common::fixture_bytes("ISIC_0024306.jpg")

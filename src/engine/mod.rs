@@ -2,6 +2,7 @@
 //! but not Sync) fed through a bounded queue; handlers send commands with a oneshot reply.
 
 pub mod cache;
+pub mod store;
 pub mod worker;
 
 use crate::device::parse_device;
@@ -280,10 +281,51 @@ impl Registry {
         if prompts.is_empty() {
             return Err(crate::error::invalid("prompts", "no prompt given (send an empty Prompt for the no-prompt case)"));
         }
+        let id = &self.route(id, &source);
         let (reply, rx) = oneshot::channel();
         self.send(id, Command::Segment { source, prompts, multimask, low_res, encoding, enqueued: Instant::now(), reply })?;
         rx.await.map_err(|_| Error::Unavailable(format!("model {id:?} was unloaded")))?
     }
+}
+
+impl Registry {
+    /// The model an id names: itself, or for an alias the route its weights pick for this image.
+    /// The pick hashes the image (or the handle's key), so an image always goes to the same model;
+    /// a handle made by one of the alias's models stays with that model.
+    pub fn route(&self, id: &str, source: &Source) -> String {
+        let Some(alias) = self.inner.settings.aliases.iter().find(|a| a.name == id) else { return id.to_owned() };
+        let key: &[u8] = match source {
+            Source::Handle(h) => match h.split_once('/') {
+                Some((m, _)) if alias.routes.iter().any(|r| r.model == m) => {
+                    metrics::counter!(crate::metrics::ALIAS_ROUTED_TOTAL, "alias" => id.to_owned(), "model" => m.to_owned()).increment(1);
+                    return m.to_owned();
+                }
+                _ => h.as_bytes(),
+            },
+            Source::Image(b) => b,
+        };
+        let model = pick_route(&alias.routes, key).to_owned();
+        metrics::counter!(crate::metrics::ALIAS_ROUTED_TOTAL, "alias" => id.to_owned(), "model" => model.clone()).increment(1);
+        model
+    }
+}
+
+/// The route whose share of the total weight holds hash(key): sticky and proportional.
+pub fn pick_route<'a>(routes: &'a [crate::settings::AliasRoute], key: &[u8]) -> &'a str {
+    use sha2::{Digest, Sha256};
+    let total: u64 = routes.iter().map(|r| u64::from(r.weight)).sum();
+    if total == 0 {
+        return routes.first().map(|r| r.model.as_str()).unwrap_or("");
+    }
+    let d = Sha256::digest(key);
+    let mut x = u64::from_le_bytes(d[..8].try_into().expect("8 bytes")) % total;
+    for r in routes {
+        if x < u64::from(r.weight) {
+            return &r.model;
+        }
+        x -= u64::from(r.weight);
+    }
+    &routes[routes.len() - 1].model
 }
 
 fn not_found(id: &str) -> Error {

@@ -20,6 +20,7 @@ struct Worker {
     cache: EmbeddingCache,
     max_pixels: u64,
     max_batch: usize,
+    store: Option<super::store::EmbeddingStore>,
 }
 
 pub(super) fn run(registry: Registry, ms: ModelSettings, device: Device, generation: u64, tx: mpsc::Sender<Command>, mut rx: mpsc::Receiver<Command>) {
@@ -34,6 +35,12 @@ pub(super) fn run(registry: Registry, ms: ModelSettings, device: Device, generat
                 cache: EmbeddingCache::new(s.cache.max_bytes),
                 max_pixels: s.limits.max_image_pixels,
                 max_batch: s.limits.max_embed_batch.max(1),
+                store: super::store::EmbeddingStore::new(
+                    s.eval.embedding_store.as_deref(),
+                    info.checkpoint_sha256.as_deref(),
+                    info.precision,
+                    device,
+                ),
             };
             (w, info)
         }
@@ -172,6 +179,9 @@ impl Worker {
                 for ((key, _, format, queue, reply, t0), emb) in todo.into_iter().zip(embs) {
                     // A batched embedding is a view into the batch: copy so the cache holds only its own.
                     let emb = ImageEmbedding { features: emb.features.copy(), ..emb };
+                    if let Some(store) = &self.store {
+                        store.put(&key, &emb);
+                    }
                     self.cache.insert(key.clone(), emb.shallow_clone());
                     let _ = reply.send(self.output(&key, emb, false, format, queue, t0));
                 }
@@ -185,13 +195,21 @@ impl Worker {
         }
     }
 
-    /// The cached embedding of an image key, counted as a cache hit or miss.
+    /// The cached embedding of an image key (memory, then the disk store), counted as a cache
+    /// hit, a disk hit or a miss.
     fn cached(&mut self, key: &str) -> Option<ImageEmbedding> {
-        let hit = match self.cache.get(key) {
+        let mut hit = match self.cache.get(key) {
             Lookup::Hit(e) => Some(e.shallow_clone()),
             _ => None,
         };
-        let result = if hit.is_some() { "hit" } else { "miss" };
+        let mut result = if hit.is_some() { "hit" } else { "miss" };
+        if hit.is_none() {
+            if let Some(e) = self.store.as_ref().and_then(|s| s.get(key)) {
+                self.cache.insert(key.to_owned(), e.shallow_clone());
+                hit = Some(e);
+                result = "disk";
+            }
+        }
         metrics::counter!(m::CACHE_LOOKUPS_TOTAL, "model" => self.id.clone(), "result" => result).increment(1);
         hit
     }
@@ -204,6 +222,9 @@ impl Worker {
         let t = Instant::now();
         let e = self.predictor.set_image(&img)?;
         stage(&self.id, "encode", t.elapsed());
+        if let Some(store) = &self.store {
+            store.put(&key, &e);
+        }
         self.cache.insert(key, e.shallow_clone());
         Ok(e)
     }

@@ -2,6 +2,7 @@
 
 pub mod convert;
 pub mod embedding;
+pub mod evaluation;
 pub mod models;
 pub mod segmentation;
 pub mod server;

@@ -1,10 +1,12 @@
-//! Builds and runs the gRPC server: the three skinsam services (behind the bearer-token
+//! Builds and runs the gRPC server: the skinsam services (behind the bearer-token
 //! interceptor), grpc.health.v1 and server reflection.
 
 use super::embedding::Embedding;
+use super::evaluation::Evaluation;
 use super::models::Models;
 use super::pb::{
-    embedding_service_server::EmbeddingServiceServer, model_service_server::ModelServiceServer,
+    embedding_service_server::EmbeddingServiceServer, evaluation_service_server::EvaluationServiceServer,
+    model_service_server::ModelServiceServer,
     segmentation_service_server::SegmentationServiceServer, FILE_DESCRIPTOR_SET,
 };
 use super::segmentation::Segmentation;
@@ -20,7 +22,7 @@ use tonic_health::ServingStatus;
 
 pub const SERVICES: [&str; 3] = ["skinsam.v1.ModelService", "skinsam.v1.EmbeddingService", "skinsam.v1.SegmentationService"];
 /// Services that need a ready model to serve.
-const MODEL_SERVICES: [&str; 2] = ["skinsam.v1.EmbeddingService", "skinsam.v1.SegmentationService"];
+const MODEL_SERVICES: [&str; 3] = ["skinsam.v1.EmbeddingService", "skinsam.v1.SegmentationService", "skinsam.v1.EvaluationService"];
 
 /// Starts loading the configured models; one that cannot even start loading is logged and
 /// skipped, the others still serve.
@@ -74,6 +76,9 @@ pub async fn serve(registry: Registry, listener: TcpListener, shutdown: impl Fut
     let segmentation = SegmentationServiceServer::new(Segmentation { registry: registry.clone() })
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
+    let evaluation = EvaluationServiceServer::new(Evaluation { registry: registry.clone() })
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
     let mut builder = tonic::transport::Server::builder();
     match (&settings.tls.cert, &settings.tls.key) {
         (Some(cert), Some(key)) => {
@@ -92,7 +97,8 @@ pub async fn serve(registry: Registry, listener: TcpListener, shutdown: impl Fut
         .add_service(reflection)
         .add_service(InterceptedService::new(models, auth.clone()))
         .add_service(InterceptedService::new(embedding, auth.clone()))
-        .add_service(InterceptedService::new(segmentation, auth))
+        .add_service(InterceptedService::new(segmentation, auth.clone()))
+        .add_service(InterceptedService::new(evaluation, auth))
         // Without TCP_NODELAY, small responses wait on delayed ACKs (about 40 ms each).
         .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown)
         .await?;

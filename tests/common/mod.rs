@@ -1,7 +1,12 @@
 #![allow(dead_code)]
 use skinsam::model::{Sam, SamVariant};
 use skinsam::predictor::Predictor;
+use skinsam::engine::Registry;
+use skinsam::grpc::server::{bind, load_configured, serve};
+use skinsam::settings::Settings;
 use std::path::PathBuf;
+use std::time::Duration;
+use tonic::transport::Channel;
 
 pub fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
@@ -19,3 +24,43 @@ pub fn tiny_predictor() -> Predictor {
 pub fn fixture_bytes(name: &str) -> Vec<u8> {
     std::fs::read(fixtures().join("images").join(name)).expect("fixture image")
 }
+
+pub struct TestServer {
+    pub url: String,
+    pub registry: Registry,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+/// Starts the server in-process on 127.0.0.1:0; waits for a ready model when asked.
+pub async fn start(settings: Settings, wait_ready: bool) -> TestServer {
+    let (listener, addr) = bind("127.0.0.1:0").await.unwrap();
+    let registry = Registry::new(settings);
+    load_configured(&registry);
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(serve(registry.clone(), listener, async move {
+        let _ = rx.await;
+    }));
+    if wait_ready {
+        for _ in 0..600 {
+            if registry.any_ready() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(registry.any_ready(), "model ready: {:?}", registry.list());
+    }
+    TestServer { url: format!("http://{addr}"), registry, stop: Some(stop) }
+}
+
+pub async fn channel(s: &TestServer) -> Channel {
+    Channel::from_shared(s.url.clone()).unwrap().connect().await.unwrap()
+}
+
