@@ -28,7 +28,7 @@ fn compile_protos() {
     // SAFETY: build scripts are single-threaded; prost-build reads PROTOC.
     unsafe { std::env::set_var("PROTOC", protoc) };
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
-    let files = ["common", "models", "embedding", "segmentation", "evaluation"].map(|f| format!("proto/skinsam/v1/{f}.proto"));
+    let files = ["common", "models", "embedding", "segmentation", "evaluation", "training"].map(|f| format!("proto/skinsam/v1/{f}.proto"));
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("skinsam_descriptor.bin"))
         .compile_protos(&files, &["proto".to_owned()])

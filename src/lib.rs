@@ -18,3 +18,4 @@ pub mod cli;
 pub mod loadgen;
 pub mod masks;
 pub mod eval;
+pub mod train;

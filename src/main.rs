@@ -65,6 +65,13 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Fine-tune a hosted model on a server-side dataset (admin); prints the epochs.
+    Train {
+        #[command(flatten)]
+        train: TrainCli,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Merge the report folders of a sharded evaluation into one report.
     MergeReports {
         #[arg(long)]
@@ -246,11 +253,119 @@ struct EvalCli {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+    /// Only the validation images of a training run (its folder, with last.json).
+    #[arg(long)]
+    val_split_of: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct TrainCli {
+    /// The hosted model to start from.
+    #[arg(long)]
+    base: String,
+    /// Dataset folder on the server (under its eval.dataset_roots).
+    #[arg(long)]
+    dataset: PathBuf,
+    #[arg(long, default_value = "")]
+    run_id: String,
+    /// Continue run --run-id from its last checkpoint.
+    #[arg(long)]
+    resume: bool,
+    #[arg(long, default_value_t = 0.2)]
+    val_fraction: f32,
+    #[arg(long, default_value_t = 0)]
+    split_seed: u64,
+    /// The paper's plain random split instead of one by lesion.
+    #[arg(long)]
+    random_split: bool,
+    #[arg(long, default_value = "box_point")]
+    mode: skinsam::eval::prompts::PromptMode,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value_t = 0)]
+    reference_width: u32,
+    /// Also train the prompt encoder.
+    #[arg(long)]
+    train_prompt_encoder: bool,
+    /// Full training: the image encoder too (no precomputed embeddings).
+    #[arg(long)]
+    train_image_encoder: bool,
+    /// Freeze the mask decoder (train only what the other flags name).
+    #[arg(long)]
+    freeze_mask_decoder: bool,
+    #[arg(long, default_value_t = 1e-5)]
+    lr: f64,
+    #[arg(long)]
+    encoder_lr: Option<f64>,
+    #[arg(long, default_value_t = 8)]
+    batch_size: u32,
+    #[arg(long, default_value_t = 20)]
+    epochs: u32,
+    #[arg(long, default_value_t = 3)]
+    patience: u32,
+    #[arg(long, default_value_t = 1e-3)]
+    min_delta: f64,
+    /// Dice + BCE on full-size masks instead of the 256x256 logits.
+    #[arg(long)]
+    loss_full_size: bool,
+    /// Flips, 90-degree rotations, colour jitter (with --train-image-encoder).
+    #[arg(long)]
+    augment: bool,
+    #[arg(long, default_value_t = 0)]
+    max_train_images: u32,
+    #[arg(long, default_value_t = 0)]
+    max_val_images: u32,
+    #[arg(long, default_value_t = 0)]
+    progress_every: u32,
+    #[arg(long)]
+    quiet: bool,
+}
+
+impl TrainCli {
+    fn request(&self) -> skinsam::grpc::pb::TrainRequest {
+        use skinsam::grpc::pb;
+        pb::TrainRequest {
+            base_model_id: self.base.clone(),
+            dataset: self.dataset.canonicalize().unwrap_or_else(|_| self.dataset.clone()).display().to_string(),
+            run_id: self.run_id.clone(),
+            resume: self.resume,
+            recipe: Some(pb::TrainRecipe {
+                val_fraction: Some(self.val_fraction),
+                split_seed: self.split_seed,
+                random_split: self.random_split,
+                prompts: Some(pb::PromptSimulation {
+                    mode: skinsam::grpc::evaluation::mode_to_pb(self.mode) as i32,
+                    seed: self.seed,
+                    reference_width: self.reference_width,
+                    ..Default::default()
+                }),
+                train_mask_decoder: Some(!self.freeze_mask_decoder),
+                train_prompt_encoder: self.train_prompt_encoder,
+                train_image_encoder: self.train_image_encoder,
+                learning_rate: Some(self.lr),
+                image_encoder_learning_rate: self.encoder_lr,
+                batch_size: self.batch_size,
+                epochs: self.epochs,
+                patience: Some(self.patience),
+                min_delta: Some(self.min_delta),
+                loss_full_size: self.loss_full_size,
+                augment: self.augment,
+                max_train_images: self.max_train_images,
+                max_val_images: self.max_val_images,
+                progress_every: self.progress_every,
+            }),
+        }
+    }
 }
 
 impl EvalCli {
-    fn args(self) -> skinsam::eval::client::EvalArgs {
-        skinsam::eval::client::EvalArgs {
+    fn args(self) -> anyhow::Result<skinsam::eval::client::EvalArgs> {
+        let ids = match &self.val_split_of {
+            Some(dir) => skinsam::train::read_sidecar(dir, skinsam::train::LAST)?.split.val,
+            None => vec![],
+        };
+        Ok(skinsam::eval::client::EvalArgs {
+            ids,
             models: self.models,
             dataset: self.dataset,
             upload: self.upload,
@@ -268,7 +383,7 @@ impl EvalCli {
             single_mask: self.single_mask,
             summary_every: self.summary_every,
             quiet: self.quiet,
-        }
+        })
     }
 }
 
@@ -312,12 +427,15 @@ fn main() -> anyhow::Result<()> {
     match command {
         Command::Serve { config } => skinsam::cli::serve(config.as_deref())?,
         Command::Models { client } => skinsam::cli::models(&client.conn())?,
-        Command::Eval { eval, client } => skinsam::eval::client::eval(&client.conn(), eval.args())?,
+        Command::Eval { eval, client } => skinsam::eval::client::eval(&client.conn(), eval.args()?)?,
         Command::Compare { eval, client } => {
             if eval.models.len() < 2 {
                 bail!("compare needs two or more --model (the first is the reference)");
             }
-            skinsam::eval::client::eval(&client.conn(), eval.args())?
+            skinsam::eval::client::eval(&client.conn(), eval.args()?)?
+        }
+        Command::Train { train, client } => {
+            skinsam::train::client::train(&client.conn(), train.request(), train.quiet)?;
         }
         Command::MergeReports { out, shards } => skinsam::eval::client::merge_reports(&out, &shards)?,
         Command::Embed { image, model, client } => skinsam::cli::embed(&client.conn(), &model, &image)?,

@@ -77,6 +77,24 @@ pub struct EvalSettings {
     pub embedding_store: Option<PathBuf>,
 }
 
+/// Fine-tuning (TrainingService).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+pub struct TrainSettings {
+    /// Where runs write their checkpoints (`<output_dir>/<run_id>/`).
+    #[serde(default = "default_runs_dir")]
+    pub output_dir: PathBuf,
+}
+
+impl Default for TrainSettings {
+    fn default() -> Self {
+        Self { output_dir: default_runs_dir() }
+    }
+}
+
+fn default_runs_dir() -> PathBuf {
+    PathBuf::from("runs")
+}
+
 /// One target of an alias.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 pub struct AliasRoute {
@@ -113,6 +131,8 @@ pub struct Settings {
     pub eval: EvalSettings,
     #[serde(default)]
     pub aliases: Vec<AliasSettings>,
+    #[serde(default)]
+    pub train: TrainSettings,
 }
 
 const DEFAULTS: &str = r#"

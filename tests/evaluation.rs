@@ -336,6 +336,7 @@ fn cli_report_folder_and_sharded_merge_match_a_whole_run() {
                 single_mask: false,
                 summary_every: 0,
                 quiet: true,
+                ids: vec![],
             },
         )
         .unwrap();

@@ -7,6 +7,12 @@ use crate::predictor::ImageEmbedding;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
+/// The key of an image in the caches: its bytes' SHA-256 (first 128 bits, hex).
+pub fn image_key(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(&Sha256::digest(bytes)[..16])
+}
+
 pub struct EmbeddingStore {
     dir: PathBuf,
     device: Device,

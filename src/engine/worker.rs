@@ -1,6 +1,7 @@
 //! The thread that owns one model: loads it, warms it up, then serves its queue.
 
 use super::cache::{EmbeddingCache, Lookup};
+use super::store::image_key;
 use super::{Command, EmbedOutput, EmbeddingFormat, MaskEncoding, MaskOutput, ModelInfo, ModelState, Registry, SegmentOutput, Source};
 use crate::error::{Error, Result};
 use crate::image_io::decode_rgb;
@@ -9,7 +10,6 @@ use crate::metrics as m;
 use crate::model::Sam;
 use crate::predictor::{ImageEmbedding, Masks, Predictor, Prompt};
 use crate::settings::ModelSettings;
-use sha2::{Digest, Sha256};
 use std::time::{Duration, Instant};
 use tch::{Device, Kind};
 use tokio::sync::mpsc;
@@ -85,10 +85,6 @@ fn load(ms: &ModelSettings, device: Device) -> Result<(Predictor, ModelInfo)> {
     let emb = predictor.set_image(&img)?;
     predictor.predict(&emb, &[Prompt { bbox: Some([8.0, 8.0, 40.0, 30.0]), ..Default::default() }], true)?;
     Ok((predictor, info))
-}
-
-fn image_key(bytes: &[u8]) -> String {
-    hex::encode(&Sha256::digest(bytes)[..16])
 }
 
 fn stage(model: &str, stage: &'static str, d: Duration) {

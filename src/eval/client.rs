@@ -37,6 +37,8 @@ pub struct EvalArgs {
     pub single_mask: bool,
     pub summary_every: u32,
     pub quiet: bool,
+    /// Only these image ids (e.g. a training run's validation split).
+    pub ids: Vec<String>,
 }
 
 fn row_from_pb(r: pb::ImageResult) -> ImageResult {
@@ -96,9 +98,11 @@ pub fn eval(conn: &Conn, a: EvalArgs) -> Result<()> {
         return_masks: true,
         shard_index: if a.upload { 0 } else { a.shard_index },
         shard_count: if a.upload { 0 } else { a.shard_count },
+        ids: if a.upload { vec![] } else { a.ids.clone() },
     };
     // The local copy of the dataset (when readable here): progress total, uploads and overlays.
     let local = Dataset::open(&a.dataset).ok().map(|mut ds| {
+        ds.keep_ids(&a.ids, 0);
         ds.filter(&a.labels, a.limit as usize);
         ds.shard(a.shard_index as usize, a.shard_count as usize);
         ds
@@ -106,6 +110,7 @@ pub fn eval(conn: &Conn, a: EvalArgs) -> Result<()> {
     if a.upload && local.is_none() {
         Dataset::open(&a.dataset)?; // the reader's error says what is wrong
     }
+    let started = std::time::Instant::now();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let (rows, skipped, server_summary) = rt.block_on(async {
         let channel = conn.channel().await?;
@@ -184,6 +189,7 @@ pub fn eval(conn: &Conn, a: EvalArgs) -> Result<()> {
         settings: settings_json(server_summary.settings.as_ref().unwrap_or(&settings)),
         skipped,
     };
+    let evaluated = started.elapsed();
     let load = local.map(loader);
     let summary = write_report(&a.out, &info, &rows, a.seed, load.as_ref().map(|f| f as &dyn Fn(&str) -> Result<(image::RgbImage, BinaryMask)>))?;
     for m in &a.models {
@@ -191,7 +197,13 @@ pub fn eval(conn: &Conn, a: EvalArgs) -> Result<()> {
             println!("{m}: {} images, mean Dice {:.4}, IoU {:.4}, accuracy {:.4}", s.overall.n, s.overall.dice.mean, s.overall.iou.mean, s.overall.accuracy.mean);
         }
     }
-    println!("report written to {}", a.out.display());
+    println!(
+        "{} images evaluated in {:.1} s; report written to {} in {:.1} s",
+        rows.len(),
+        evaluated.as_secs_f64(),
+        a.out.display(),
+        (started.elapsed() - evaluated).as_secs_f64()
+    );
     Ok(())
 }
 

@@ -89,6 +89,15 @@ impl Dataset {
         Ok(Self { root: root.to_owned(), layout, items, problems })
     }
 
+    /// Keeps the items of the given ids (all when empty), then at most `limit` (0: all).
+    pub fn keep_ids(&mut self, ids: &[String], limit: usize) {
+        if !ids.is_empty() {
+            let keep: std::collections::HashSet<&String> = ids.iter().collect();
+            self.items.retain(|i| keep.contains(&i.id));
+        }
+        self.filter(&[], limit);
+    }
+
     /// Keeps the items of the given labels (all when empty), then at most `limit` (0: all).
     pub fn filter(&mut self, labels: &[String], limit: usize) {
         if !labels.is_empty() {

@@ -168,10 +168,16 @@ pub async fn run(
     while let Some(r) = results.next().await {
         let event = match r {
             Ok(row) => {
+                for m in &req.models {
+                    metrics::counter!(crate::metrics::EVAL_IMAGES_TOTAL, "model" => m.clone(), "result" => "scored").increment(1);
+                }
                 rows.push(row.clone());
                 Event::Image(Box::new(row))
             }
             Err(Ok(problem)) => {
+                for m in &req.models {
+                    metrics::counter!(crate::metrics::EVAL_IMAGES_TOTAL, "model" => m.clone(), "result" => "skipped").increment(1);
+                }
                 skipped += 1;
                 Event::Skipped(problem)
             }

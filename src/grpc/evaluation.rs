@@ -22,7 +22,7 @@ pub struct Evaluation {
     pub registry: Registry,
 }
 
-fn mode_from_pb(v: i32) -> Result<PromptMode> {
+pub fn mode_from_pb(v: i32) -> Result<PromptMode> {
     match pb::PromptMode::try_from(v) {
         Ok(pb::PromptMode::Unspecified | pb::PromptMode::BoxPoint) => Ok(PromptMode::BoxPoint),
         Ok(pb::PromptMode::None) => Ok(PromptMode::None),
@@ -82,7 +82,7 @@ fn settings_echo(s: &pb::EvaluateSettings, r: &EvalRequest) -> pb::EvaluateSetti
 }
 
 /// `dataset` resolved, and only when it lies under one of the configured roots.
-fn allowed_dataset(roots: &[PathBuf], dataset: &str) -> Result<PathBuf> {
+pub fn allowed_dataset(roots: &[PathBuf], dataset: &str) -> Result<PathBuf> {
     if dataset.is_empty() {
         return Err(invalid("dataset", "is empty"));
     }
@@ -225,6 +225,7 @@ impl EvaluationService for Evaluation {
         let s = settings.clone();
         let ds = tokio::task::spawn_blocking(move || -> Result<Dataset> {
             let mut ds = Dataset::open(&root)?;
+            ds.keep_ids(&s.ids, 0);
             ds.filter(&s.labels, s.limit as usize);
             ds.shard(s.shard_index as usize, s.shard_count as usize);
             Ok(ds)
@@ -245,8 +246,8 @@ impl EvaluationService for Evaluation {
         let Some(pb::evaluate_upload_request::Item::Settings(settings)) = first.item else {
             return Err(Status::invalid_argument("item: the first message must carry the settings"));
         };
-        if settings.shard_count > 1 || settings.limit > 0 || !settings.labels.is_empty() {
-            return Err(Status::invalid_argument("settings: limit, labels and shards apply to server-side datasets; filter the images you send"));
+        if settings.shard_count > 1 || settings.limit > 0 || !settings.labels.is_empty() || !settings.ids.is_empty() {
+            return Err(Status::invalid_argument("settings: limit, labels, ids and shards apply to server-side datasets; filter the images you send"));
         }
         let eval = request_from_pb(&settings, self.registry.settings().limits.max_image_pixels).map_err(to_status)?;
         runner::validate(&self.registry, &eval).map_err(to_status)?;

@@ -3,6 +3,7 @@
 pub mod convert;
 pub mod embedding;
 pub mod evaluation;
+pub mod training;
 pub mod models;
 pub mod segmentation;
 pub mod server;

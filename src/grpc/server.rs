@@ -3,10 +3,11 @@
 
 use super::embedding::Embedding;
 use super::evaluation::Evaluation;
+use super::training::Training;
 use super::models::Models;
 use super::pb::{
     embedding_service_server::EmbeddingServiceServer, evaluation_service_server::EvaluationServiceServer,
-    model_service_server::ModelServiceServer,
+    model_service_server::ModelServiceServer, training_service_server::TrainingServiceServer,
     segmentation_service_server::SegmentationServiceServer, FILE_DESCRIPTOR_SET,
 };
 use super::segmentation::Segmentation;
@@ -79,6 +80,7 @@ pub async fn serve(registry: Registry, listener: TcpListener, shutdown: impl Fut
     let evaluation = EvaluationServiceServer::new(Evaluation { registry: registry.clone() })
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
+    let training = TrainingServiceServer::new(Training::new(registry.clone())).max_decoding_message_size(max).max_encoding_message_size(max);
     let mut builder = tonic::transport::Server::builder();
     match (&settings.tls.cert, &settings.tls.key) {
         (Some(cert), Some(key)) => {
@@ -98,7 +100,8 @@ pub async fn serve(registry: Registry, listener: TcpListener, shutdown: impl Fut
         .add_service(InterceptedService::new(models, auth.clone()))
         .add_service(InterceptedService::new(embedding, auth.clone()))
         .add_service(InterceptedService::new(segmentation, auth.clone()))
-        .add_service(InterceptedService::new(evaluation, auth))
+        .add_service(InterceptedService::new(evaluation, auth.clone()))
+        .add_service(InterceptedService::new(training, auth))
         // Without TCP_NODELAY, small responses wait on delayed ACKs (about 40 ms each).
         .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown)
         .await?;

@@ -1,0 +1,319 @@
+//! TrainingService: fine-tuning runs (admin only), one per device at a time, each on its own OS
+//! thread; the best checkpoint is registered as a model next to its base.
+
+use super::evaluation::{allowed_dataset, mode_from_pb};
+use super::pb::{self, training_service_server::TrainingService};
+use super::{check_bearer, to_status, ResponseStream};
+use crate::engine::Registry;
+use crate::error::{invalid, Error, Result};
+use crate::eval::prompts::SimParams;
+use crate::settings::ModelSettings;
+use crate::train::{self, BaseModel, EpochRecord, Job, LabelScores, Recipe};
+use dashmap::DashMap;
+use std::path::Path;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+const EVENT_BUFFER: usize = 16;
+
+#[derive(Clone)]
+pub struct Training {
+    pub registry: Registry,
+    runs: Arc<DashMap<String, pb::RunStatus>>,
+    /// Device label -> the run using it.
+    busy: Arc<DashMap<String, String>>,
+}
+
+impl Training {
+    pub fn new(registry: Registry) -> Self {
+        Self { registry, runs: Arc::default(), busy: Arc::default() }
+    }
+}
+
+pub fn recipe_from_pb(r: &pb::TrainRecipe) -> Result<Recipe> {
+    let d = Recipe::default();
+    let p = r.prompts.unwrap_or_default();
+    let sp = SimParams::default();
+    let lr = r.learning_rate.unwrap_or(d.learning_rate);
+    let recipe = Recipe {
+        val_fraction: r.val_fraction.unwrap_or(d.val_fraction),
+        split_seed: r.split_seed,
+        random_split: r.random_split,
+        mode: mode_from_pb(p.mode)?,
+        params: SimParams {
+            margin: p.margin.unwrap_or(sp.margin),
+            max_shift: p.max_shift.unwrap_or(sp.max_shift),
+            max_scale: p.max_scale.unwrap_or(sp.max_scale),
+            reference_width: p.reference_width,
+        },
+        prompt_seed: p.seed,
+        train_mask_decoder: r.train_mask_decoder.unwrap_or(true),
+        train_prompt_encoder: r.train_prompt_encoder,
+        train_image_encoder: r.train_image_encoder,
+        learning_rate: lr,
+        image_encoder_learning_rate: r.image_encoder_learning_rate.unwrap_or(lr),
+        batch_size: if r.batch_size == 0 { d.batch_size } else { r.batch_size as usize },
+        epochs: if r.epochs == 0 { d.epochs } else { r.epochs as usize },
+        patience: r.patience.map_or(d.patience, |v| v as usize),
+        min_delta: r.min_delta.unwrap_or(d.min_delta),
+        loss_full_size: r.loss_full_size,
+        augment: r.augment,
+        max_train_images: r.max_train_images as usize,
+        max_val_images: r.max_val_images as usize,
+        progress_every: r.progress_every as usize,
+    };
+    recipe.validate()?;
+    if !(0.0..1.0).contains(&recipe.params.max_scale) || recipe.params.margin < 0.0 || recipe.params.max_shift < 0.0 {
+        return Err(invalid("recipe.prompts", "margin and max_shift must be >= 0, max_scale in [0, 1)"));
+    }
+    Ok(recipe)
+}
+
+fn scores(s: &LabelScores) -> pb::LabelScores {
+    pb::LabelScores { dice: s.dice, iou: s.iou, accuracy: s.accuracy, n: s.n as u32 }
+}
+
+pub fn epoch_to_pb(e: &EpochRecord) -> pb::EpochResult {
+    pb::EpochResult {
+        epoch: e.epoch as u32,
+        train_loss: e.train_loss,
+        train_dice_loss: e.train_dice_loss,
+        train_bce_loss: e.train_bce_loss,
+        val: Some(scores(&e.val)),
+        val_by_label: e.val_by_label.iter().map(|(k, v)| (k.clone(), scores(v))).collect(),
+        seconds: e.seconds,
+        learning_rate: e.learning_rate,
+        best: e.best,
+    }
+}
+
+fn valid_run_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+/// The device string a model reports ("cpu", "cuda(0)") as settings write it ("cpu", "cuda:0").
+fn device_setting(reported: &str) -> String {
+    crate::device::cuda_index(reported).map_or_else(|| reported.to_owned(), |i| format!("cuda:{i}"))
+}
+
+/// The status of a run from its sidecar on disk (runs of earlier server processes).
+fn status_from_disk(dir: &Path) -> Option<pb::RunStatus> {
+    let s = train::read_sidecar(dir, train::LAST).ok()?;
+    Some(pb::RunStatus {
+        run_id: s.run_id,
+        base_model_id: s.base.id,
+        state: "stopped".into(),
+        dir: dir.display().to_string(),
+        train_images: s.split.train.len() as u32,
+        val_images: s.split.val.len() as u32,
+        epochs_done: s.epoch as u32,
+        best_epoch: s.best_epoch as u32,
+        best_val_dice: s.best_val_dice,
+        device: String::new(),
+        error: String::new(),
+    })
+}
+
+impl Training {
+    fn start(&self, r: pb::TrainRequest) -> Result<ResponseStream<pb::TrainEvent>> {
+        let recipe = recipe_from_pb(&r.recipe.unwrap_or_default())?;
+        if r.base_model_id.is_empty() {
+            return Err(invalid("base_model_id", "is empty"));
+        }
+        let info = self.registry.get(&r.base_model_id)?;
+        if info.state != crate::engine::ModelState::Ready {
+            return Err(Error::Unavailable(format!("model {:?} is not ready ({:?})", info.id, info.state)));
+        }
+        let (Some(checkpoint), Some(sha256)) = (info.checkpoint.clone(), info.checkpoint_sha256.clone()) else {
+            return Err(Error::FailedPrecondition(format!("model {:?} has random weights (no checkpoint) to start from", info.id)));
+        };
+        let settings = self.registry.settings();
+        let dataset = allowed_dataset(&settings.eval.dataset_roots, &r.dataset)?;
+        let run_id = if r.run_id.is_empty() {
+            format!("run-{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0))
+        } else if valid_run_id(&r.run_id) {
+            r.run_id.clone()
+        } else {
+            return Err(invalid("run_id", format!("{:?}: use 1-64 letters, digits, '-' or '_'", r.run_id)));
+        };
+        let dir = settings.train.output_dir.join(&run_id);
+        let has_last = train::checkpoint_path(&dir, train::LAST).exists();
+        if r.resume && !has_last {
+            return Err(Error::NotFound(format!("run {run_id:?} has no checkpoint to resume from in {}", dir.display())));
+        }
+        if !r.resume && dir.exists() {
+            return Err(Error::FailedPrecondition(format!("run {run_id:?} already exists in {}: resume it or choose another run_id", dir.display())));
+        }
+        let device_label = info.device.clone();
+        let device = crate::device::parse_device(&device_setting(&device_label))?;
+        // One run per device: the reservation is taken here and released by the run's thread.
+        match self.busy.entry(device_label.clone()) {
+            dashmap::mapref::entry::Entry::Occupied(e) => {
+                return Err(Error::FailedPrecondition(format!("training run {:?} is already using {device_label}", e.get())));
+            }
+            dashmap::mapref::entry::Entry::Vacant(v) => {
+                v.insert(run_id.clone());
+            }
+        }
+        let job = Job {
+            run_id: run_id.clone(),
+            base: BaseModel { id: info.id.clone(), variant: info.variant, checkpoint, sha256 },
+            dataset,
+            recipe,
+            dir: dir.clone(),
+            device,
+            resume: r.resume,
+            embedding_store: settings.eval.embedding_store.clone(),
+        };
+        let status = pb::RunStatus {
+            run_id: run_id.clone(),
+            base_model_id: info.id.clone(),
+            state: "running".into(),
+            dir: dir.display().to_string(),
+            device: device_label.clone(),
+            ..Default::default()
+        };
+        self.runs.insert(run_id.clone(), status);
+        let (tx, rx) = mpsc::channel(EVENT_BUFFER);
+        let this = self.clone();
+        let precision = info.precision;
+        std::thread::Builder::new()
+            .name(format!("train-{run_id}"))
+            .spawn(move || {
+                this.run_thread(job, tx, device_label, precision);
+            })
+            .map_err(|e| Error::Internal(format!("spawning the training thread: {e}")))?;
+        Ok(Box::pin(ReceiverStream::new(rx)))
+    }
+
+    fn run_thread(&self, job: Job, tx: mpsc::Sender<Result<pb::TrainEvent, Status>>, device_label: String, precision: crate::model::Precision) {
+        use pb::train_event::Event as E;
+        let run_id = job.run_id.clone();
+        let send = |e: E| tx.blocking_send(Ok(pb::TrainEvent { event: Some(e) })).is_ok();
+        let runs = self.runs.clone();
+        let emit = |ev: train::Event| -> bool {
+            match ev {
+                train::Event::Started(s) => {
+                    let mut st = runs.get(&run_id).map(|r| r.clone()).unwrap_or_default();
+                    st.train_images = s.train_images as u32;
+                    st.val_images = s.val_images as u32;
+                    st.epochs_done = s.resumed_from_epoch as u32;
+                    runs.insert(run_id.clone(), st.clone());
+                    for (id, why) in &s.skipped {
+                        tracing::warn!(run = %run_id, image = %id, reason = %why, "training image skipped");
+                    }
+                    send(E::Started(st))
+                }
+                train::Event::Progress { epoch, step, steps, loss } => {
+                    send(E::Progress(pb::StepProgress { epoch: epoch as u32, step: step as u32, steps: steps as u32, loss }))
+                }
+                train::Event::Epoch(rec) => {
+                    if let Some(mut st) = runs.get_mut(&run_id) {
+                        st.epochs_done = rec.epoch as u32;
+                        if rec.best {
+                            st.best_epoch = rec.epoch as u32;
+                            st.best_val_dice = rec.val.dice;
+                        }
+                    }
+                    tracing::info!(run = %run_id, epoch = rec.epoch, val_dice = rec.val.dice, loss = rec.train_loss, "epoch done");
+                    send(E::Epoch(epoch_to_pb(&rec)))
+                }
+            }
+        };
+        let result = train::run(&job, emit, || tx.is_closed());
+        self.busy.remove(&device_label);
+        match result {
+            Ok(fin) => {
+                let mut model_id = String::new();
+                let mut message = String::new();
+                if fin.best_epoch > 0 && fin.best_checkpoint.exists() {
+                    let id = format!("{}-ft-{}", job.base.id, job.run_id);
+                    // A resumed run replaces the model its earlier part registered.
+                    let _ = self.registry.unload(&id);
+                    let ms = ModelSettings {
+                        id: id.clone(),
+                        variant: job.base.variant,
+                        checkpoint: Some(fin.best_checkpoint.clone()),
+                        device: Some(device_setting(&device_label)),
+                        precision,
+                    };
+                    match self.registry.load(ms) {
+                        Ok(_) => model_id = id,
+                        Err(e) => message = format!("the best checkpoint was not registered: {e}"),
+                    }
+                } else if fin.best_epoch == 0 {
+                    message = "no epoch improved on the base model; nothing registered".into();
+                }
+                if let Some(mut st) = self.runs.get_mut(&job.run_id) {
+                    st.state = if fin.stopped == "cancelled" { "cancelled".into() } else { "finished".into() };
+                }
+                tracing::info!(run = %job.run_id, best_epoch = fin.best_epoch, best = fin.best_val_dice, stopped = %fin.stopped, model = %model_id, "training finished");
+                let _ = tx.blocking_send(Ok(pb::TrainEvent {
+                    event: Some(E::Finished(pb::TrainFinished {
+                        run_id: job.run_id.clone(),
+                        best_epoch: fin.best_epoch as u32,
+                        best_val_dice: fin.best_val_dice,
+                        best_checkpoint: fin.best_checkpoint.display().to_string(),
+                        last_checkpoint: fin.last_checkpoint.display().to_string(),
+                        model_id,
+                        stopped: fin.stopped,
+                        message,
+                    })),
+                }));
+            }
+            Err(e) => {
+                tracing::error!(run = %job.run_id, error = %e, "training failed");
+                if let Some(mut st) = self.runs.get_mut(&job.run_id) {
+                    st.state = "failed".into();
+                    st.error = e.to_string();
+                }
+                let _ = tx.blocking_send(Err(to_status(e)));
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl TrainingService for Training {
+    type TrainStream = ResponseStream<pb::TrainEvent>;
+
+    async fn train(&self, req: Request<pb::TrainRequest>) -> Result<Response<Self::TrainStream>, Status> {
+        check_bearer(&req, self.registry.settings().auth.admin_token.as_deref())?;
+        let this = self.clone();
+        let r = req.into_inner();
+        // Validation reads the dataset folder: off the async threads.
+        let stream = tokio::task::spawn_blocking(move || this.start(r)).await.map_err(|e| Status::internal(e.to_string()))?.map_err(to_status)?;
+        Ok(Response::new(stream))
+    }
+
+    async fn get_run(&self, req: Request<pb::GetRunRequest>) -> Result<Response<pb::RunStatus>, Status> {
+        check_bearer(&req, self.registry.settings().auth.admin_token.as_deref())?;
+        let id = req.into_inner().run_id;
+        if !valid_run_id(&id) {
+            return Err(to_status(invalid("run_id", format!("{id:?} is not a run id"))));
+        }
+        if let Some(s) = self.runs.get(&id) {
+            return Ok(Response::new(s.clone()));
+        }
+        status_from_disk(&self.registry.settings().train.output_dir.join(&id))
+            .map(Response::new)
+            .ok_or_else(|| Status::not_found(format!("no run {id:?}")))
+    }
+
+    async fn list_runs(&self, req: Request<pb::ListRunsRequest>) -> Result<Response<pb::ListRunsResponse>, Status> {
+        check_bearer(&req, self.registry.settings().auth.admin_token.as_deref())?;
+        let mut runs: Vec<pb::RunStatus> = self.runs.iter().map(|r| r.value().clone()).collect();
+        if let Ok(rd) = std::fs::read_dir(&self.registry.settings().train.output_dir) {
+            for e in rd.filter_map(|e| e.ok()) {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if !self.runs.contains_key(&name) {
+                    runs.extend(status_from_disk(&e.path()));
+                }
+            }
+        }
+        runs.sort_by(|a, b| a.run_id.cmp(&b.run_id));
+        Ok(Response::new(pb::ListRunsResponse { runs }))
+    }
+}

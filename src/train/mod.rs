@@ -1,0 +1,440 @@
+//! Fine-tuning with the SkinSAM paper's recipe: image embeddings computed once with the frozen
+//! encoder (persisted in the embedding store when one is configured), the mask decoder trained
+//! with Dice + binary cross-entropy (unweighted) on the single-mask output, Adam, a split by
+//! lesion, early stopping on validation Dice. Optionally the prompt encoder, or the image encoder
+//! too (full training, with augmentation and its own learning rate).
+//!
+//! Deterministic: the split, the batch order, the prompts and the augmentation come from seeded
+//! ChaCha streams, and Adam's state is checkpointed with the weights, so a run resumed from its
+//! last checkpoint continues exactly as an uninterrupted one.
+
+pub mod adam;
+pub mod client;
+pub mod data;
+
+use crate::eval::dataset::Dataset;
+use crate::eval::prompts::{PromptMode, SimParams};
+use crate::eval::scores::{score, ImageScores, Summary};
+use crate::error::{invalid, Error, Result};
+use crate::model::{checkpoint, Sam, SamVariant};
+use crate::predictor::Predictor;
+use adam::Adam;
+use data::{prompts_tensors, Sample};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Recipe {
+    pub val_fraction: f32,
+    pub split_seed: u64,
+    /// The paper's plain random split instead of one grouped by lesion id.
+    pub random_split: bool,
+    pub mode: PromptMode,
+    pub params: SimParams,
+    pub prompt_seed: u64,
+    pub train_mask_decoder: bool,
+    pub train_prompt_encoder: bool,
+    pub train_image_encoder: bool,
+    pub learning_rate: f64,
+    pub image_encoder_learning_rate: f64,
+    pub batch_size: usize,
+    pub epochs: usize,
+    pub patience: usize,
+    pub min_delta: f64,
+    pub loss_full_size: bool,
+    pub augment: bool,
+    pub max_train_images: usize,
+    pub max_val_images: usize,
+    pub progress_every: usize,
+}
+
+impl Default for Recipe {
+    fn default() -> Self {
+        Self {
+            val_fraction: 0.2,
+            split_seed: 0,
+            random_split: false,
+            mode: PromptMode::BoxPoint,
+            params: SimParams::default(),
+            prompt_seed: 0,
+            train_mask_decoder: true,
+            train_prompt_encoder: false,
+            train_image_encoder: false,
+            learning_rate: 1e-5,
+            image_encoder_learning_rate: 1e-5,
+            batch_size: 8,
+            epochs: 20,
+            patience: 3,
+            min_delta: 1e-3,
+            loss_full_size: false,
+            augment: false,
+            max_train_images: 0,
+            max_val_images: 0,
+            progress_every: 0,
+        }
+    }
+}
+
+impl Recipe {
+    pub fn validate(&self) -> Result<()> {
+        if !(self.val_fraction > 0.0 && self.val_fraction < 1.0) {
+            return Err(invalid("recipe.val_fraction", format!("{} is not in (0, 1)", self.val_fraction)));
+        }
+        if !(self.train_mask_decoder || self.train_prompt_encoder || self.train_image_encoder) {
+            return Err(invalid("recipe", "nothing to train: enable the mask decoder, the prompt encoder or the image encoder"));
+        }
+        for (f, v) in [("recipe.learning_rate", self.learning_rate), ("recipe.image_encoder_learning_rate", self.image_encoder_learning_rate)] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(invalid(f, format!("{v} is not a positive number")));
+            }
+        }
+        if self.batch_size == 0 || self.epochs == 0 {
+            return Err(invalid("recipe", "batch_size and epochs must be at least 1"));
+        }
+        if self.augment && !self.train_image_encoder {
+            return Err(invalid("recipe.augment", "augmentation needs train_image_encoder (precomputed embeddings cannot be augmented)"));
+        }
+        if !(self.min_delta.is_finite() && self.min_delta >= 0.0) {
+            return Err(invalid("recipe.min_delta", "must be >= 0"));
+        }
+        Ok(())
+    }
+}
+
+/// What the run starts from.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct BaseModel {
+    pub id: String,
+    pub variant: SamVariant,
+    pub checkpoint: PathBuf,
+    pub sha256: String,
+}
+
+pub struct Job {
+    pub run_id: String,
+    pub base: BaseModel,
+    pub dataset: PathBuf,
+    pub recipe: Recipe,
+    pub dir: PathBuf,
+    pub device: Device,
+    pub resume: bool,
+    pub embedding_store: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct LabelScores {
+    pub dice: f64,
+    pub iou: f64,
+    pub accuracy: f64,
+    pub n: usize,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct EpochRecord {
+    pub epoch: usize,
+    pub train_loss: f64,
+    pub train_dice_loss: f64,
+    pub train_bce_loss: f64,
+    pub val: LabelScores,
+    pub val_by_label: BTreeMap<String, LabelScores>,
+    pub seconds: f64,
+    pub learning_rate: f64,
+    pub best: bool,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Started {
+    pub train_images: usize,
+    pub val_images: usize,
+    pub skipped: Vec<(String, String)>,
+    pub resumed_from_epoch: usize,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Finished {
+    pub best_epoch: usize,
+    pub best_val_dice: f64,
+    pub best_checkpoint: PathBuf,
+    pub last_checkpoint: PathBuf,
+    pub stopped: String,
+}
+
+pub enum Event {
+    Started(Started),
+    Progress { epoch: usize, step: usize, steps: usize, loss: f64 },
+    Epoch(EpochRecord),
+}
+
+/// The JSON sidecar of a checkpoint: everything needed to know what it is and to resume.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Sidecar {
+    pub run_id: String,
+    pub base: BaseModel,
+    pub dataset: PathBuf,
+    pub recipe: Recipe,
+    pub split: SplitInfo,
+    /// The epoch these weights are from.
+    pub epoch: usize,
+    pub history: Vec<EpochRecord>,
+    pub best_epoch: usize,
+    pub best_val_dice: f64,
+    pub epochs_without_improvement: usize,
+    pub adam_step: i64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct SplitInfo {
+    pub seed: u64,
+    pub grouped_by_lesion: bool,
+    pub train: Vec<String>,
+    pub val: Vec<String>,
+}
+
+pub const BEST: &str = "best";
+pub const LAST: &str = "last";
+
+pub fn checkpoint_path(dir: &Path, which: &str) -> PathBuf {
+    dir.join(format!("{which}.safetensors"))
+}
+
+fn sidecar_path(dir: &Path, which: &str) -> PathBuf {
+    dir.join(format!("{which}.json"))
+}
+
+fn optimizer_path(dir: &Path) -> PathBuf {
+    dir.join("last.optimizer.safetensors")
+}
+
+/// Reads a checkpoint's sidecar.
+pub fn read_sidecar(dir: &Path, which: &str) -> Result<Sidecar> {
+    let p = sidecar_path(dir, which);
+    let bytes = std::fs::read(&p).map_err(|e| Error::FailedPrecondition(format!("cannot read {}: {e}", p.display())))?;
+    serde_json::from_slice(&bytes).map_err(|e| Error::FailedPrecondition(format!("{} is not a valid sidecar: {e}", p.display())))
+}
+
+fn write_json_atomic(path: &Path, v: &impl Serialize) -> Result<()> {
+    let bytes = serde_json::to_vec_pretty(v).map_err(|e| Error::Internal(e.to_string()))?;
+    crate::eval::report::write_atomic(path, &bytes).map_err(|e| Error::Internal(format!("{e:#}")))
+}
+
+/// Dice loss (1 - soft Dice per sample, averaged) and BCE (mean over pixels) of logits against
+/// 0/1 targets of the same shape (B, 1, H, W).
+pub fn dice_bce(logits: &Tensor, target: &Tensor) -> (Tensor, Tensor) {
+    let p = logits.sigmoid().flatten(1, -1);
+    let t = target.flatten(1, -1);
+    let inter = (&p * &t).sum_dim_intlist([1i64].as_slice(), false, Kind::Float);
+    let denom = p.sum_dim_intlist([1i64].as_slice(), false, Kind::Float) + t.sum_dim_intlist([1i64].as_slice(), false, Kind::Float);
+    let soft_dice: Tensor = (inter * 2.0 + 1.0) / (denom + 1.0);
+    let dice = (soft_dice.neg() + 1.0).mean(Kind::Float);
+    let bce = logits.binary_cross_entropy_with_logits::<Tensor>(target, None, None, tch::Reduction::Mean);
+    (dice, bce)
+}
+
+/// Runs (or resumes) a training job. `emit` gets every event and returns false once the client
+/// has gone away; so does `cancelled()`, checked before every step: either stops training there
+/// (the checkpoints written stay).
+pub fn run(job: &Job, mut emit: impl FnMut(Event) -> bool, cancelled_now: impl Fn() -> bool) -> Result<Finished> {
+    job.recipe.validate()?;
+    std::fs::create_dir_all(&job.dir).map_err(|e| Error::Internal(format!("creating {}: {e}", job.dir.display())))?;
+    let r = &job.recipe;
+    let (mut sam, _) = Sam::load(job.base.variant, &job.base.checkpoint, job.device)?;
+    // Resume: the same recipe and base, then the last weights and Adam's state.
+    let resumed = if job.resume { Some(read_sidecar(&job.dir, LAST)?) } else { None };
+    if let Some(s) = &resumed {
+        if s.recipe != *r || s.base.sha256 != job.base.sha256 {
+            return Err(Error::FailedPrecondition(format!("run {} was started with another recipe or base model; start a new run", job.run_id)));
+        }
+        checkpoint::load_strict(&mut sam.vs, &checkpoint_path(&job.dir, LAST))?;
+    }
+    let ds = Dataset::open(&job.dataset)?;
+    let split = match &resumed {
+        Some(s) => s.split.clone(),
+        None => data::split(&ds, r),
+    };
+    let store = crate::engine::store::EmbeddingStore::new(job.embedding_store.as_deref(), Some(&job.base.sha256), crate::model::Precision::Fp32, job.device);
+    let predictor = Predictor::new(sam);
+    let (train, val, skipped) = data::load(&ds, &split, &predictor, !r.train_image_encoder, store.as_ref())?;
+    if train.is_empty() || val.is_empty() {
+        return Err(invalid("dataset", format!("{} training and {} validation images: need at least one of each", train.len(), val.len())));
+    }
+    let mut sam = predictor.sam;
+    data::set_trainable(&mut sam, r);
+    let mut adam = Adam::new(&sam, r);
+    if resumed.is_some() {
+        adam.load(&optimizer_path(&job.dir))?;
+    }
+    let mut history = resumed.as_ref().map(|s| s.history.clone()).unwrap_or_default();
+    let mut best_epoch = resumed.as_ref().map_or(0, |s| s.best_epoch);
+    let mut best = resumed.as_ref().map_or(f64::NEG_INFINITY, |s| s.best_val_dice);
+    let mut stale = resumed.as_ref().map_or(0, |s| s.epochs_without_improvement);
+    let start_epoch = resumed.as_ref().map_or(1, |s| s.epoch + 1);
+    if !emit(Event::Started(Started { train_images: train.len(), val_images: val.len(), skipped, resumed_from_epoch: start_epoch - 1 })) {
+        return Ok(cancelled(job, best_epoch, best));
+    }
+    let sidecar = |epoch: usize, history: &[EpochRecord], best_epoch: usize, best: f64, stale: usize, step: i64| Sidecar {
+        run_id: job.run_id.clone(),
+        base: job.base.clone(),
+        dataset: job.dataset.clone(),
+        recipe: r.clone(),
+        split: split.clone(),
+        epoch,
+        history: history.to_vec(),
+        best_epoch,
+        best_val_dice: best,
+        epochs_without_improvement: stale,
+        adam_step: step,
+    };
+    if resumed.is_none() {
+        // Epoch 0: the base model, the reference for "improves".
+        let t = Instant::now();
+        let (val_all, by_label) = validate(&sam, &val, r);
+        let rec = EpochRecord { epoch: 0, val: val_all, val_by_label: by_label, seconds: t.elapsed().as_secs_f64(), learning_rate: r.learning_rate, ..Default::default() };
+        history.push(rec.clone());
+        if !emit(Event::Epoch(rec)) {
+            return Ok(cancelled(job, best_epoch, best));
+        }
+    }
+    let mut stopped = "epochs";
+    for epoch in start_epoch..=r.epochs {
+        let t = Instant::now();
+        let order = data::epoch_order(train.len(), r, epoch);
+        let steps = order.len().div_ceil(r.batch_size);
+        let (mut sum, mut sum_dice, mut sum_bce, mut n) = (0.0, 0.0, 0.0, 0usize);
+        for (step, idx) in order.chunks(r.batch_size).enumerate() {
+            let batch: Vec<&Sample> = idx.iter().map(|&i| &train[i]).collect();
+            let (loss, d, b) = train_step(&sam, &mut adam, &batch, r, epoch)?;
+            sum += loss * batch.len() as f64;
+            sum_dice += d * batch.len() as f64;
+            sum_bce += b * batch.len() as f64;
+            n += batch.len();
+            let progress = r.progress_every > 0 && (step + 1) % r.progress_every == 0;
+            let alive = !cancelled_now() && (!progress || emit(Event::Progress { epoch, step: step + 1, steps, loss }));
+            if !alive {
+                // Cancelled mid-epoch: the last complete epoch's checkpoints stay as they are.
+                return Ok(cancelled(job, best_epoch, best));
+            }
+        }
+        let (val_all, by_label) = validate(&sam, &val, r);
+        let improved = val_all.dice > best + r.min_delta;
+        if improved {
+            best = val_all.dice;
+            best_epoch = epoch;
+            stale = 0;
+        } else {
+            stale += 1;
+        }
+        let nf = n.max(1) as f64;
+        let rec = EpochRecord {
+            epoch,
+            train_loss: sum / nf,
+            train_dice_loss: sum_dice / nf,
+            train_bce_loss: sum_bce / nf,
+            val: val_all,
+            val_by_label: by_label,
+            seconds: t.elapsed().as_secs_f64(),
+            learning_rate: r.learning_rate,
+            best: improved,
+        };
+        history.push(rec.clone());
+        // Checkpoints: weights, then Adam's state, then the sidecar that points at both.
+        checkpoint::save_safetensors(&sam.vs, &checkpoint_path(&job.dir, LAST))?;
+        adam.save(&optimizer_path(&job.dir))?;
+        write_json_atomic(&sidecar_path(&job.dir, LAST), &sidecar(epoch, &history, best_epoch, best, stale, adam.step))?;
+        if improved {
+            checkpoint::save_safetensors(&sam.vs, &checkpoint_path(&job.dir, BEST))?;
+            write_json_atomic(&sidecar_path(&job.dir, BEST), &sidecar(epoch, &history, best_epoch, best, stale, adam.step))?;
+        }
+        if !emit(Event::Epoch(rec)) {
+            return Ok(cancelled(job, best_epoch, best));
+        }
+        if stale >= r.patience {
+            stopped = "early_stopping";
+            break;
+        }
+    }
+    Ok(Finished {
+        best_epoch,
+        best_val_dice: best,
+        best_checkpoint: checkpoint_path(&job.dir, BEST),
+        last_checkpoint: checkpoint_path(&job.dir, LAST),
+        stopped: stopped.into(),
+    })
+}
+
+fn cancelled(job: &Job, best_epoch: usize, best: f64) -> Finished {
+    Finished {
+        best_epoch,
+        best_val_dice: best,
+        best_checkpoint: checkpoint_path(&job.dir, BEST),
+        last_checkpoint: checkpoint_path(&job.dir, LAST),
+        stopped: "cancelled".into(),
+    }
+}
+
+/// One optimisation step on a batch; returns (loss, dice part, bce part).
+fn train_step(sam: &Sam, adam: &mut Adam, batch: &[&Sample], r: &Recipe, epoch: usize) -> Result<(f64, f64, f64)> {
+    let prepared: Vec<data::Prepared> = batch.iter().map(|s| data::prepare(s, r, epoch, sam)).collect::<Result<_>>()?;
+    let features = match &prepared[0].features {
+        Some(_) => Tensor::cat(&prepared.iter().map(|p| p.features.as_ref().expect("same mode").shallow_clone()).collect::<Vec<_>>(), 0),
+        None => {
+            let imgs = Tensor::cat(&prepared.iter().map(|p| p.image.as_ref().expect("live encoding").shallow_clone()).collect::<Vec<_>>(), 0);
+            sam.embed(&imgs)
+        }
+    };
+    let prompts: Vec<_> = prepared.iter().map(|p| (p.prompt, p.input_size, p.original_size)).collect();
+    let (pts, labels, boxes) = prompts_tensors(&prompts, r.mode, sam.device());
+    let pb = crate::model::prompt_encoder::PromptBatch { points: pts.as_ref().map(|p| (p, labels.as_ref().expect("labels with points"))), boxes: boxes.as_ref(), masks: None };
+    let (low, _iou) = sam.decode(&features, &pb, false);
+    let (dice, bce) = if r.loss_full_size {
+        let mut d = Vec::new();
+        let mut b = Vec::new();
+        for (i, p) in prepared.iter().enumerate() {
+            let full = sam.postprocess_masks(&low.narrow(0, i as i64, 1), p.input_size, p.original_size);
+            let (di, bi) = dice_bce(&full, &p.truth_full);
+            d.push(di);
+            b.push(bi);
+        }
+        (Tensor::stack(&d, 0).mean(Kind::Float), Tensor::stack(&b, 0).mean(Kind::Float))
+    } else {
+        let target = Tensor::cat(&prepared.iter().map(|p| p.target_low.shallow_clone()).collect::<Vec<_>>(), 0);
+        dice_bce(&low, &target)
+    };
+    let loss = &dice + &bce;
+    adam.zero_grad();
+    loss.backward();
+    adam.step();
+    Ok((loss.double_value(&[]), dice.double_value(&[]), bce.double_value(&[])))
+}
+
+/// Validation Dice / IoU / accuracy at full resolution (as the evaluation measures), overall and
+/// per lesion type, with the fixed validation prompts.
+fn validate(sam: &Sam, val: &[Sample], r: &Recipe) -> (LabelScores, BTreeMap<String, LabelScores>) {
+    let mut rows: Vec<(Option<String>, ImageScores)> = Vec::with_capacity(val.len());
+    tch::no_grad(|| {
+        for chunk in val.chunks(r.batch_size.max(1)) {
+            let prepared: Vec<data::Prepared> = chunk.iter().filter_map(|s| data::prepare(s, r, data::VALIDATION_EPOCH, sam).ok()).collect();
+            if prepared.is_empty() {
+                continue;
+            }
+            let features = match &prepared[0].features {
+                Some(_) => Tensor::cat(&prepared.iter().map(|p| p.features.as_ref().expect("same mode").shallow_clone()).collect::<Vec<_>>(), 0),
+                None => sam.embed(&Tensor::cat(&prepared.iter().map(|p| p.image.as_ref().expect("live").shallow_clone()).collect::<Vec<_>>(), 0)),
+            };
+            let prompts: Vec<_> = prepared.iter().map(|p| (p.prompt, p.input_size, p.original_size)).collect();
+            let (pts, labels, boxes) = prompts_tensors(&prompts, r.mode, sam.device());
+            let pb = crate::model::prompt_encoder::PromptBatch { points: pts.as_ref().map(|p| (p, labels.as_ref().expect("labels"))), boxes: boxes.as_ref(), masks: None };
+            let (low, _) = sam.decode(&features, &pb, false);
+            for (i, (p, s)) in prepared.iter().zip(chunk).enumerate() {
+                let full = sam.postprocess_masks(&low.narrow(0, i as i64, 1), p.input_size, p.original_size);
+                let pred = Vec::<u8>::try_from(full.gt(0.0).to_kind(Kind::Uint8).flatten(0, -1).to_device(Device::Cpu)).unwrap_or_default();
+                rows.push((s.label.clone(), score(&pred, &s.truth.data)));
+            }
+        }
+    });
+    let summary = Summary::of(rows.iter().map(|(l, s)| (l.as_deref(), *s)));
+    let conv = |g: &crate::eval::scores::GroupSummary| LabelScores { dice: g.dice.mean, iou: g.iou.mean, accuracy: g.accuracy.mean, n: g.n };
+    (conv(&summary.overall), summary.by_label.iter().map(|(k, v)| (k.clone(), conv(v))).collect())
+}
