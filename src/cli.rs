@@ -157,3 +157,13 @@ pub fn overlay(img: &image::RgbImage, mask: &image::GrayImage) -> image::RgbImag
     }
     out
 }
+
+/// A line above a progress bar, or on stdout when the bar is hidden (--quiet, no terminal),
+/// where indicatif would drop it.
+pub fn say(bar: &indicatif::ProgressBar, line: String) {
+    if bar.is_hidden() {
+        println!("{line}");
+    } else {
+        bar.println(line);
+    }
+}

@@ -58,7 +58,7 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
-    /// A/B comparison: `eval` with two or more models (the first is the reference), paired.
+    /// A/B comparison: `eval` with two or more models, every pair compared on the same images and prompts.
     Compare {
         #[command(flatten)]
         eval: EvalCli,
@@ -430,7 +430,7 @@ fn main() -> anyhow::Result<()> {
         Command::Eval { eval, client } => skinsam::eval::client::eval(&client.conn(), eval.args()?)?,
         Command::Compare { eval, client } => {
             if eval.models.len() < 2 {
-                bail!("compare needs two or more --model (the first is the reference)");
+                bail!("compare needs two or more --model");
             }
             skinsam::eval::client::eval(&client.conn(), eval.args()?)?
         }

@@ -347,7 +347,7 @@ fn cli_report_folder_and_sharded_merge_match_a_whole_run() {
         assert!(whole.join(f).is_file(), "{f} written");
     }
     let overlays = std::fs::read_dir(whole.join("overlays")).unwrap().count();
-    assert_eq!(overlays, 6, "3 best and 3 worst");
+    assert_eq!(overlays, 12, "3 best and 3 worst per model");
     let md = std::fs::read_to_string(whole.join("report.md")).unwrap();
     for needle in ["akiec", "vasc", "**overall**", "Wilcoxon", "nearest-neighbour", "box-ellipse"] {
         assert!(md.contains(needle), "{needle} in the report");

@@ -7,7 +7,7 @@ use super::prompts::{PromptMode, SimPrompt};
 use super::report::{read_results_csv, write_report, RunInfo, SUMMARY_JSON};
 use super::runner::{ImageResult, ModelResult};
 use super::scores::ImageScores;
-use crate::cli::Conn;
+use crate::cli::{say, Conn};
 use crate::grpc::pb;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -160,7 +160,7 @@ pub fn eval(conn: &Conn, a: EvalArgs) -> Result<()> {
                     bar.inc(1);
                 }
                 Some(pb::evaluate_response::Event::Skipped(s)) => {
-                    bar.println(format!("skipped {}: {}", s.id, s.reason));
+                    say(&bar, format!("skipped {}: {}", s.id, s.reason));
                     skipped.push((s.id, s.reason));
                 }
                 Some(pb::evaluate_response::Event::Summary(s)) => {

@@ -18,10 +18,10 @@ use std::path::Path;
 pub const RESULTS_CSV: &str = "results.csv";
 pub const SUMMARY_JSON: &str = "summary.json";
 pub const REPORT_MD: &str = "report.md";
-/// Overlays written for the first model: this many best and this many worst images.
+/// Overlays written per model: this many best and this many worst images.
 pub const OVERLAYS_EACH: usize = 3;
 /// Overlays of smaller images are enlarged by an integer factor to at least this width.
-const OVERLAY_MIN_WIDTH: u32 = 600;
+const OVERLAY_MIN_WIDTH: u32 = 400;
 
 /// What the report says about the run besides the numbers.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -190,7 +190,7 @@ pub fn markdown(info: &RunInfo, s: &EvalSummary) -> String {
         md.push('\n');
     }
     if !s.comparisons.is_empty() {
-        md.push_str("\n## Paired comparisons (B - A on the same images and prompts)\n\n");
+        md.push_str("\n## Paired comparisons (B - A on the same images and prompts, every pair)\n\n");
         md.push_str("Mean difference with a bootstrap 95% confidence interval, two-sided Wilcoxon signed-rank p-value, and B's wins / ties / losses.\n\n");
         md.push_str("| A | B | Metric | Lesion type | n | Mean diff [95% CI] | Wilcoxon p | W / T / L |\n|---|---|---|---|---:|---|---|---|\n");
         for c in &s.comparisons {
@@ -328,6 +328,21 @@ pub fn overlay(image: &RgbImage, truth: &BinaryMask, pred: &[u8], prompt: &SimPr
     out
 }
 
+/// The overlay of a small image (the 200-px HAM10000 copies) is drawn on an enlarged copy, so
+/// that the contours stay readable.
+fn overlay_scaled(img: &RgbImage, truth: &BinaryMask, pred: Vec<u8>, prompt: &SimPrompt) -> RgbImage {
+    let k = OVERLAY_MIN_WIDTH.div_ceil(img.width()).max(1);
+    if k == 1 {
+        return overlay(img, truth, &pred, prompt);
+    }
+    let (w, h) = (img.width() * k, img.height() * k);
+    let big = image::imageops::resize(img, w, h, image::imageops::FilterType::Triangle);
+    let pm = BinaryMask { width: img.width(), height: img.height(), data: pred }.resize_nearest(w, h);
+    let s = k as f32;
+    let scaled = SimPrompt { point: prompt.point.map(|[x, y]| [x * s, y * s]), bbox: prompt.bbox.map(|[a, b, c, d]| [a * s, b * s, c * s, d * s]) };
+    overlay(&big, &truth.resize_nearest(w, h), &pm.data, &scaled)
+}
+
 /// Writes the whole report into `dir`. `images` gives an image and its ground truth by id, for
 /// the overlays (None: no overlays, said in the report).
 pub fn write_report(
@@ -350,30 +365,18 @@ pub fn write_report(
         Some(load) if !rows.is_empty() => {
             let od = dir.join("overlays");
             std::fs::create_dir_all(&od)?;
-            let mut order: Vec<&ImageResult> = rows.iter().filter(|r| r.results[0].mask_rle.is_some()).collect();
-            order.sort_by(|a, b| b.results[0].scores.dice.total_cmp(&a.results[0].scores.dice));
-            let n = OVERLAYS_EACH.min(order.len() / 2).max(1.min(order.len()));
-            let picks = order.iter().take(n).map(|r| ("best", *r)).chain(order.iter().rev().take(n).map(|r| ("worst", *r)));
-            for (kind, r) in picks {
-                let (img, truth) = load(&r.id)?;
-                let m = &r.results[0];
-                let pred = crate::masks::from_rle(m.mask_rle.as_deref().unwrap_or_default(), r.height as usize, r.width as usize);
-                // Small images (the 200-px HAM10000 copies) are enlarged so that contours stay readable.
-                let k = OVERLAY_MIN_WIDTH.div_ceil(img.width()).max(1);
-                let o = if k > 1 {
-                    let (w, h) = (img.width() * k, img.height() * k);
-                    let big = image::imageops::resize(&img, w, h, image::imageops::FilterType::Triangle);
-                    let pm = BinaryMask { width: r.width, height: r.height, data: pred }.resize_nearest(w, h);
-                    let s = k as f32;
-                    let prompt = SimPrompt {
-                        point: r.prompt.point.map(|[x, y]| [x * s, y * s]),
-                        bbox: r.prompt.bbox.map(|[a, b, c, d]| [a * s, b * s, c * s, d * s]),
-                    };
-                    overlay(&big, &truth.resize_nearest(w, h), &pm.data, &prompt)
-                } else {
-                    overlay(&img, &truth, &pred, &r.prompt)
-                };
-                write_atomic(&od.join(format!("{kind}_{}_{}_dice{:.3}.png", m.model, r.id, m.scores.dice)), &png(&o)?)?;
+            for (k, model) in info.models.iter().enumerate() {
+                let mut order: Vec<&ImageResult> = rows.iter().filter(|r| r.results[k].mask_rle.is_some()).collect();
+                order.sort_by(|a, b| b.results[k].scores.dice.total_cmp(&a.results[k].scores.dice));
+                let n = OVERLAYS_EACH.min(order.len() / 2).max(1.min(order.len()));
+                let picks = order.iter().take(n).map(|r| ("best", *r)).chain(order.iter().rev().take(n).map(|r| ("worst", *r)));
+                for (kind, r) in picks {
+                    let (img, truth) = load(&r.id)?;
+                    let m = &r.results[k];
+                    let pred = crate::masks::from_rle(m.mask_rle.as_deref().unwrap_or_default(), r.height as usize, r.width as usize);
+                    let o = overlay_scaled(&img, &truth, pred, &r.prompt);
+                    write_atomic(&od.join(format!("{model}_{kind}_{}_dice{:.3}.png", r.id, m.scores.dice)), &png(&o)?)?;
+                }
             }
         }
         _ => md.push_str("\nNo overlays: the images were not readable from here.\n"),

@@ -85,7 +85,7 @@ pub struct EvalSummary {
     pub skipped: usize,
     pub masks_resized: usize,
     pub models: BTreeMap<String, Summary>,
-    /// Every other model against the first one named, when there are several (final only).
+    /// Every pair of models (A named before B), when there are several (final only).
     pub comparisons: Vec<Comparison>,
 }
 
@@ -262,7 +262,7 @@ fn image_size(bytes: &[u8], field: &str, max_pixels: u64) -> Result<(u32, u32)> 
     Ok((w, h))
 }
 
-/// Summaries per model, and (final) paired comparisons of every model against the first.
+/// Summaries per model, and (final) paired comparisons of every pair of models.
 pub fn summarize(models: &[String], rows: &[ImageResult], total: usize, skipped: usize, is_final: bool, seed: u64) -> EvalSummary {
     let mut out = EvalSummary {
         is_final,
@@ -284,25 +284,27 @@ pub fn summarize(models: &[String], rows: &[ImageResult], total: usize, skipped:
 pub fn comparisons(models: &[String], rows: &[ImageResult], seed: u64) -> Vec<Comparison> {
     let mut out = Vec::new();
     let metrics: [(&str, fn(&ImageScores) -> f64); 3] = [("dice", |s| s.dice), ("iou", |s| s.iou), ("accuracy", |s| s.accuracy)];
-    for k in 1..models.len() {
-        for (metric, f) in metrics {
-            let pair = |rows: &[&ImageResult]| {
-                let a: Vec<f64> = rows.iter().map(|r| f(&r.results[0].scores)).collect();
-                let b: Vec<f64> = rows.iter().map(|r| f(&r.results[k].scores)).collect();
-                paired(&a, &b, seed)
-            };
-            let all: Vec<&ImageResult> = rows.iter().collect();
-            let mut by_label: BTreeMap<String, Vec<&ImageResult>> = BTreeMap::new();
-            for r in rows {
-                by_label.entry(r.label.clone().unwrap_or_else(|| super::scores::UNLABELLED.into())).or_default().push(r);
+    for a in 0..models.len() {
+        for b in a + 1..models.len() {
+            for (metric, f) in metrics {
+                let pair = |rows: &[&ImageResult]| {
+                    let xa: Vec<f64> = rows.iter().map(|r| f(&r.results[a].scores)).collect();
+                    let xb: Vec<f64> = rows.iter().map(|r| f(&r.results[b].scores)).collect();
+                    paired(&xa, &xb, seed)
+                };
+                let all: Vec<&ImageResult> = rows.iter().collect();
+                let mut by_label: BTreeMap<String, Vec<&ImageResult>> = BTreeMap::new();
+                for r in rows {
+                    by_label.entry(r.label.clone().unwrap_or_else(|| super::scores::UNLABELLED.into())).or_default().push(r);
+                }
+                out.push(Comparison {
+                    model_a: models[a].clone(),
+                    model_b: models[b].clone(),
+                    metric: metric.into(),
+                    overall: pair(&all),
+                    by_label: by_label.into_iter().map(|(l, rs)| (l, pair(&rs))).collect(),
+                });
             }
-            out.push(Comparison {
-                model_a: models[0].clone(),
-                model_b: models[k].clone(),
-                metric: metric.into(),
-                overall: pair(&all),
-                by_label: by_label.into_iter().map(|(l, rs)| (l, pair(&rs))).collect(),
-            });
         }
     }
     out

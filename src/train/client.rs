@@ -1,6 +1,6 @@
 //! CLI `train`: starts (or resumes) a run on a running server and prints its epochs.
 
-use crate::cli::Conn;
+use crate::cli::{say, Conn};
 use crate::grpc::pb;
 use anyhow::{bail, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -18,14 +18,14 @@ pub fn train(conn: &Conn, req: pb::TrainRequest, quiet: bool) -> Result<pb::Trai
         while let Some(ev) = stream.next().await {
             match ev?.event {
                 Some(pb::train_event::Event::Started(s)) => {
-                    bar.println(format!("run {} on {}: {} training / {} validation images, writing {}", s.run_id, s.device, s.train_images, s.val_images, s.dir));
+                    say(&bar, format!("run {} on {}: {} training / {} validation images, writing {}", s.run_id, s.device, s.train_images, s.val_images, s.dir));
                     bar.set_position(u64::from(s.epochs_done));
                 }
                 Some(pb::train_event::Event::Progress(p)) => bar.set_message(format!("step {}/{} loss {:.4}", p.step, p.steps, p.loss)),
                 Some(pb::train_event::Event::Epoch(e)) => {
                     let v = e.val.unwrap_or_default();
                     let per: Vec<String> = e.val_by_label.iter().map(|(k, s)| format!("{k} {:.3}", s.dice)).collect();
-                    bar.println(format!(
+                    say(&bar, format!(
                         "epoch {:>3}  loss {:.4} (dice {:.4} + bce {:.4})  val Dice {:.4} IoU {:.4} acc {:.4}  [{}]  {:.0} s{}",
                         e.epoch,
                         e.train_loss,
