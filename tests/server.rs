@@ -3,6 +3,7 @@
 
 mod common;
 use common::{channel, start};
+use skinsam::grpc::server::{bind, serve};
 use skinsam::engine::Registry;
 use skinsam::grpc::pb::{self, embedding_service_client::EmbeddingServiceClient, model_service_client::ModelServiceClient,
     segmentation_service_client::SegmentationServiceClient};
