@@ -144,6 +144,17 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         threads: i32,
     },
+    /// Time the trainer's step on cached embeddings (see scripts/bench_train.sh); prints JSON.
+    TrainBench {
+        #[arg(long)]
+        variant: SamVariant,
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        #[arg(long, default_value_t = 20)]
+        steps: usize,
+        #[arg(long, default_value = "auto")]
+        device: String,
+    },
     /// Load generator against a running server: Segment latency/throughput by concurrency, and
     /// embedding throughput with distinct images; prints JSON lines.
     Loadgen {
@@ -436,6 +447,10 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Train { train, client } => {
             skinsam::train::client::train(&client.conn(), train.request(), train.quiet)?;
+        }
+        Command::TrainBench { variant, batch, steps, device } => {
+            let r = skinsam::train::bench::time_steps(variant, batch, steps, parse_device(&device)?);
+            println!("{}", serde_json::to_string(&r)?);
         }
         Command::MergeReports { out, shards } => skinsam::eval::client::merge_reports(&out, &shards)?,
         Command::Embed { image, model, client } => skinsam::cli::embed(&client.conn(), &model, &image)?,

@@ -255,3 +255,67 @@ async fn training_needs_the_admin_token() {
     let e = c.list_runs(pb::ListRunsRequest {}).await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
 }
+
+#[tokio::test]
+async fn tiny_and_maskless_datasets_and_a_diverging_loss_are_refused_clearly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut st = settings(tmp.path());
+    st.eval.dataset_roots.push(tmp.path().to_owned());
+    let s = start(st, true).await;
+    let mut c = TrainingServiceClient::new(channel(&s).await);
+    let src = skinsam::eval::dataset::Dataset::open(&common::fixtures().join("ham_train")).unwrap();
+    // One image: no split leaves both halves non-empty.
+    let one = tmp.path().join("one");
+    std::fs::create_dir_all(one.join("images")).unwrap();
+    std::fs::create_dir_all(one.join("masks")).unwrap();
+    std::fs::copy(&src.items[0].image, one.join("images/a.jpg")).unwrap();
+    std::fs::copy(&src.items[0].mask, one.join("masks/a_segmentation.png")).unwrap();
+    let mut r = request("one", 1);
+    r.dataset = one.display().to_string();
+    let e = c.train(r).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("at least one of each"), "{}", e.message());
+    // Images without masks.
+    let nomask = tmp.path().join("nomask");
+    std::fs::create_dir_all(nomask.join("images")).unwrap();
+    std::fs::create_dir_all(nomask.join("masks")).unwrap();
+    std::fs::copy(&src.items[0].image, nomask.join("images/a.jpg")).unwrap();
+    let mut r = request("nomask", 1);
+    r.dataset = nomask.display().to_string();
+    let e = c.train(r).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("no image with a mask"), "{}", e.message());
+    // An absurd learning rate makes the loss non-finite: a clear status, and no checkpoint with
+    // non-finite weights is written.
+    let mut r = request("diverge", 2);
+    r.recipe.as_mut().unwrap().learning_rate = Some(1e30);
+    let e = run(&s, r, None).await.err().expect("the run fails");
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(e.message().contains("non-finite"), "{}", e.message());
+    assert!(!tmp.path().join("runs/diverge/last.safetensors").exists());
+    let mut c2 = TrainingServiceClient::new(channel(&s).await);
+    wait_idle(&s, &mut c2, "diverge").await;
+    let st = c2.get_run(pb::GetRunRequest { run_id: "diverge".into() }).await.unwrap().into_inner();
+    assert_eq!(st.state, "failed");
+    assert!(st.error.contains("non-finite"));
+}
+
+#[test]
+fn a_failed_checkpoint_write_leaves_the_previous_one_intact() {
+    // A full disk, simulated: the temporary file cannot be created (a folder holds its name).
+    let tmp = tempfile::tempdir().unwrap();
+    let sam = skinsam::model::Sam::new(skinsam::model::SamVariant::Tiny, tch::Device::Cpu);
+    let path = tmp.path().join("last.safetensors");
+    skinsam::model::checkpoint::save_safetensors(&sam.vs, &path).unwrap();
+    let before = std::fs::read(&path).unwrap();
+    std::fs::create_dir(path.with_extension("safetensors.tmp")).unwrap();
+    let other = skinsam::model::Sam::new(skinsam::model::SamVariant::Tiny, tch::Device::Cpu);
+    assert!(skinsam::model::checkpoint::save_safetensors(&other.vs, &path).is_err());
+    assert_eq!(std::fs::read(&path).unwrap(), before, "the previous checkpoint is intact");
+    // The same for the JSON sidecars and reports.
+    let json = tmp.path().join("last.json");
+    skinsam::eval::report::write_atomic(&json, b"{\"epoch\": 1}").unwrap();
+    std::fs::create_dir(tmp.path().join(format!("last.json.tmp{}", std::process::id()))).unwrap();
+    assert!(skinsam::eval::report::write_atomic(&json, b"{\"epoch\": 2}").is_err());
+    assert_eq!(std::fs::read(&json).unwrap(), b"{\"epoch\": 1}");
+}

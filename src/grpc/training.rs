@@ -146,6 +146,17 @@ impl Training {
         if !r.resume && dir.exists() {
             return Err(Error::FailedPrecondition(format!("run {run_id:?} already exists in {}: resume it or choose another run_id", dir.display())));
         }
+        // The dataset and the split, checked before the stream starts (the run reads them again).
+        let ds = crate::eval::dataset::Dataset::open(&dataset)?;
+        if !r.resume {
+            let split = crate::train::data::split(&ds, &recipe);
+            if split.train.is_empty() || split.val.is_empty() {
+                return Err(invalid(
+                    "dataset",
+                    format!("{} images split into {} for training and {} for validation: need at least one of each", ds.items.len(), split.train.len(), split.val.len()),
+                ));
+            }
+        }
         let device_label = info.device.clone();
         let device = crate::device::parse_device(&device_setting(&device_label))?;
         // One run per device: the reservation is taken here and released by the run's thread.

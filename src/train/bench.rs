@@ -33,7 +33,7 @@ pub fn time_steps(variant: SamVariant, batch: usize, steps: usize, device: Devic
     data::set_trainable(&mut sam, &recipe);
     let mut adam = Adam::new(&sam, &recipe);
     let c = sam.config.prompt_embed_dim;
-    let e = sam.config.image_embedding_size();
+    let e = sam.config.embedding_size();
     let b = batch as i64;
     let features = Tensor::randn([b, c, e, e], (Kind::Float, device));
     let points = Tensor::rand([b, 1, 2], (Kind::Float, device)) * sam.config.img_size as f64;

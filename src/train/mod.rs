@@ -9,6 +9,7 @@
 //! last checkpoint continues exactly as an uninterrupted one.
 
 pub mod adam;
+pub mod bench;
 pub mod client;
 pub mod data;
 
@@ -403,10 +404,17 @@ fn train_step(sam: &Sam, adam: &mut Adam, batch: &[&Sample], r: &Recipe, epoch: 
         dice_bce(&low, &target)
     };
     let loss = &dice + &bce;
+    let value = loss.double_value(&[]);
+    if !value.is_finite() {
+        // Diverged: stop before the update, so that no checkpoint holds non-finite weights.
+        return Err(Error::FailedPrecondition(format!(
+            "the loss became non-finite ({value}) in epoch {epoch}: training stopped; the checkpoints of the last complete epoch are kept (try a lower learning rate)"
+        )));
+    }
     adam.zero_grad();
     loss.backward();
     adam.step();
-    Ok((loss.double_value(&[]), dice.double_value(&[]), bce.double_value(&[])))
+    Ok((value, dice.double_value(&[]), bce.double_value(&[])))
 }
 
 /// Validation Dice / IoU / accuracy at full resolution (as the evaluation measures), overall and
