@@ -70,7 +70,10 @@ def main():
     boxes = torch.tensor([[200.0, 200.0, 800.0, 800.0]]).repeat(b, 1)
     target = (torch.rand(b, 1, 256, 256) > 0.5).float()
 
+    parts = [0.0, 0.0, 0.0]
+
     def step():
+        t0 = time.perf_counter()
         sparse, dense = sam.prompt_encoder(points=points, boxes=boxes, masks=None)
         low, _ = sam.mask_decoder(
             image_embeddings=feats,
@@ -81,13 +84,21 @@ def main():
         )
         d, bce = dice_bce(low, target)
         loss = d + bce
+        value = loss.item()
+        t1 = time.perf_counter()
         opt.zero_grad()
         loss.backward()
+        t2 = time.perf_counter()
         opt.step()
-        return loss.item()
+        t3 = time.perf_counter()
+        parts[0] += t1 - t0
+        parts[1] += t2 - t1
+        parts[2] += t3 - t2
+        return value
 
     for _ in range(2):
         step()
+    parts[:] = [0.0, 0.0, 0.0]
     t = time.perf_counter()
     for _ in range(args.steps):
         step()
@@ -100,6 +111,9 @@ def main():
         "steps_per_s": args.steps / s,
         "ms_per_step": 1e3 * s / args.steps,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "forward_ms": 1e3 * parts[0] / args.steps,
+        "backward_ms": 1e3 * parts[1] / args.steps,
+        "update_ms": 1e3 * parts[2] / args.steps,
     }))
 
 

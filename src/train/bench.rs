@@ -19,6 +19,10 @@ pub struct StepReport {
     pub steps_per_s: f64,
     pub ms_per_step: f64,
     pub peak_rss_mb: f64,
+    /// Mean time of the forward pass (with the loss), the backward pass and the Adam update.
+    pub forward_ms: f64,
+    pub backward_ms: f64,
+    pub update_ms: f64,
     /// Bytes of the batch's embeddings (B x C x 64 x 64 fp32).
     pub embedding_batch_mb: f64,
 }
@@ -41,21 +45,34 @@ pub fn time_steps(variant: SamVariant, batch: usize, steps: usize, device: Devic
     let boxes = Tensor::from_slice(&[200.0f32, 200.0, 800.0, 800.0]).view([1, 4]).repeat([b, 1]).to_device(device);
     let low = sam.config.low_res_size();
     let target = Tensor::rand([b, 1, low, low], (Kind::Float, device)).gt(0.5).to_kind(Kind::Float);
-    let step = |adam: &mut Adam| {
+    let step = |adam: &mut Adam| -> [f64; 3] {
+        let mut parts = [0.0f64; 3];
+        let t = Instant::now();
         let pb = PromptBatch { points: Some((&points, &labels)), boxes: Some(&boxes), masks: None };
         let (logits, _) = sam.decode(&features, &pb, false);
         let (d, bce) = dice_bce(&logits, &target);
         let loss = d + bce;
+        let _ = loss.double_value(&[]);
+        parts[0] += t.elapsed().as_secs_f64();
+        let t = Instant::now();
         adam.zero_grad();
         loss.backward();
+        parts[1] += t.elapsed().as_secs_f64();
+        let t = Instant::now();
         adam.step();
+        parts[2] += t.elapsed().as_secs_f64();
+        parts
     };
     for _ in 0..2 {
         step(&mut adam);
     }
+    let mut parts = [0.0f64; 3];
     let t = Instant::now();
     for _ in 0..steps.max(1) {
-        step(&mut adam);
+        let p = step(&mut adam);
+        for (a, b) in parts.iter_mut().zip(p) {
+            *a += b;
+        }
     }
     if let Device::Cuda(i) = device {
         tch::Cuda::synchronize(i as i64);
@@ -69,6 +86,9 @@ pub fn time_steps(variant: SamVariant, batch: usize, steps: usize, device: Devic
         steps_per_s: steps.max(1) as f64 / s,
         ms_per_step: 1e3 * s / steps.max(1) as f64,
         peak_rss_mb: crate::bench::peak_rss_mb(),
+        forward_ms: 1e3 * parts[0] / steps.max(1) as f64,
+        backward_ms: 1e3 * parts[1] / steps.max(1) as f64,
+        update_ms: 1e3 * parts[2] / steps.max(1) as f64,
         embedding_batch_mb: (b * c * e * e * 4) as f64 / (1024.0 * 1024.0),
     }
 }
