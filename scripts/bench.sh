@@ -20,13 +20,7 @@ if [ -z "${BIN:-}" ]; then cargo build --release -q; BIN=target/release/skinsam;
 for v in $VARIANTS; do
   ckpt="$out/sam_$v.pth"
   if [ ! -f "$ckpt" ]; then
-    "$PY" - "$v" "$ckpt" <<'PY'
-import sys, torch
-from segment_anything import sam_model_registry
-torch.manual_seed(0)
-torch.save(sam_model_registry[sys.argv[1]]().state_dict(), sys.argv[2] + ".tmp")
-import os; os.replace(sys.argv[2] + ".tmp", sys.argv[2])
-PY
+    "$PY" scripts/make_random_checkpoint.py "$v" "$ckpt"
   fi
   "$PY" scripts/bench_official.py --device "$DEVICE" --variant "$v" --checkpoint "$ckpt" --embed-repeat "$EMBED_REPEAT" --image $IMAGE --box $BOX --point $POINT \
     | tee -a "$out/results.jsonl"

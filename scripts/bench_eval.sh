@@ -16,13 +16,7 @@ if [ -z "${BIN:-}" ]; then cargo build --release -q; BIN=target/release/skinsam;
 ckpt=target/bench/sam_$VARIANT.pth
 if [ ! -f "$ckpt" ]; then
   mkdir -p target/bench
-  .venv/bin/python - "$VARIANT" "$ckpt" <<'PY'
-import os, sys, torch
-from segment_anything import sam_model_registry
-torch.manual_seed(0)
-torch.save(sam_model_registry[sys.argv[1]]().state_dict(), sys.argv[2] + ".tmp")
-os.replace(sys.argv[2] + ".tmp", sys.argv[2])
-PY
+  .venv/bin/python scripts/make_random_checkpoint.py "$VARIANT" "$ckpt"
 fi
 rm -rf "$out/store"
 cat > "$out/server.toml" <<TOML

@@ -64,10 +64,9 @@ impl EmbeddingStore {
         let sizes = Tensor::from_slice(&[e.original_size.0, e.original_size.1, e.input_size.0, e.input_size.1]);
         let features = e.features.to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
         let path = self.path(key);
+        // The temporary name carries the process id: servers may share a store.
         let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-        Tensor::write_safetensors(&[("features", features), ("sizes", sizes)], &tmp)?;
-        std::fs::File::open(&tmp)?.sync_all()?;
-        std::fs::rename(&tmp, &path)?;
+        crate::model::checkpoint::write_safetensors_atomic(&[("features", features), ("sizes", sizes)], &path, &tmp)?;
         Ok(())
     }
 }

@@ -75,7 +75,7 @@ fn loader(ds: Dataset) -> impl Fn(&str) -> Result<(image::RgbImage, BinaryMask)>
         let item = by_id.get(id).with_context(|| format!("{id} is not in the local dataset"))?;
         let img = crate::image_io::decode_rgb(&read_file(&item.image)?, "image", u64::MAX)?;
         let m = decode_mask(&read_file(&item.mask)?, "mask")?;
-        let m = if (m.width, m.height) != img.dimensions() { m.resize_nearest(img.width(), img.height()) } else { m };
+        let (m, _) = m.fitted_to(img.width(), img.height());
         Ok((img, m))
     }
 }

@@ -180,6 +180,15 @@ impl BinaryMask {
         (x0 != usize::MAX).then_some((x0 as u32, y0 as u32, x1 as u32, y1 as u32))
     }
 
+    /// The mask at the image's size (width, height), and whether it had to be resized.
+    pub fn fitted_to(self, width: u32, height: u32) -> (Self, bool) {
+        if (self.width, self.height) == (width, height) {
+            (self, false)
+        } else {
+            (self.resize_nearest(width, height), true)
+        }
+    }
+
     /// Nearest-neighbour resize (pixel centres), as masks must stay binary.
     pub fn resize_nearest(&self, width: u32, height: u32) -> Self {
         let mut data = vec![0u8; width as usize * height as usize];

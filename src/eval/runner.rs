@@ -211,8 +211,7 @@ async fn evaluate_one(
     let (width, height) = image_size(&input.image, "image", req.max_pixels).map_err(problem)?;
     image_size(&input.mask, "mask", req.max_pixels).map_err(problem)?;
     let truth = decode_mask(&input.mask, "mask").map_err(problem)?;
-    let mask_resized = (truth.width, truth.height) != (width, height);
-    let truth = if mask_resized { truth.resize_nearest(width, height) } else { truth };
+    let (truth, mask_resized) = truth.fitted_to(width, height);
     let prompt = simulate(&truth, req.mode, &req.params, req.seed, &input.id);
     let calls = req.models.iter().map(|m| model_result(registry, req, m, &input.image, &prompt, &truth));
     let mut results = Vec::with_capacity(req.models.len());

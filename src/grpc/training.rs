@@ -146,7 +146,7 @@ impl Training {
         if !r.resume && dir.exists() {
             return Err(Error::FailedPrecondition(format!("run {run_id:?} already exists in {}: resume it or choose another run_id", dir.display())));
         }
-        // The dataset and the split, checked before the stream starts (the run reads them again).
+        // The dataset and the split, checked before the stream starts; the run uses this listing.
         let ds = crate::eval::dataset::Dataset::open(&dataset)?;
         if !r.resume {
             let split = crate::train::data::split(&ds, &recipe);
@@ -172,6 +172,7 @@ impl Training {
             run_id: run_id.clone(),
             base: BaseModel { id: info.id.clone(), variant: info.variant, checkpoint, sha256 },
             dataset,
+            listing: ds,
             recipe,
             dir: dir.clone(),
             device,

@@ -210,20 +210,24 @@ pub fn load_strict(vs: &mut nn::VarStore, path: &Path) -> Result<Checkpoint, Che
     Ok(Checkpoint { path: path.to_owned(), format, sha256: sha256_file(path)?, num_tensors: vars.len(), num_elements })
 }
 
-/// Writes the model's weights as safetensors, atomically (temporary file, then rename), so a
-/// crash never leaves a truncated checkpoint behind.
-pub fn save_safetensors(vs: &nn::VarStore, path: &Path) -> Result<(), CheckpointError> {
+/// Writes named tensors as safetensors atomically: to `tmp`, fsync, then rename onto `path`, so a
+/// crash or a full disk never leaves a truncated file and the previous `path` stays intact.
+pub fn write_safetensors_atomic<T: AsRef<str>>(named: &[(T, Tensor)], path: &Path, tmp: &Path) -> Result<(), CheckpointError> {
+    Tensor::write_safetensors(named, tmp).map_err(|e| CheckpointError::Format {
+        path: tmp.to_owned(),
+        format: "safetensors",
+        detail: e.to_string(),
+    })?;
     let io = |source| CheckpointError::Io { path: path.to_owned(), source };
+    std::fs::File::open(tmp).and_then(|f| f.sync_all()).map_err(io)?;
+    std::fs::rename(tmp, path).map_err(io)
+}
+
+/// Writes the model's weights as safetensors, atomically (see [`write_safetensors_atomic`]).
+pub fn save_safetensors(vs: &nn::VarStore, path: &Path) -> Result<(), CheckpointError> {
     let vars = vs.variables();
     let mut named: Vec<(String, Tensor)> =
         vars.into_iter().map(|(k, t)| (k, t.to_kind(Kind::Float).to_device(tch::Device::Cpu).contiguous())).collect();
     named.sort_by(|a, b| a.0.cmp(&b.0));
-    let tmp = path.with_extension("safetensors.tmp");
-    Tensor::write_safetensors(&named, &tmp).map_err(|e| CheckpointError::Format {
-        path: tmp.clone(),
-        format: "safetensors",
-        detail: e.to_string(),
-    })?;
-    std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)
+    write_safetensors_atomic(&named, path, &path.with_extension("safetensors.tmp"))
 }

@@ -66,7 +66,7 @@ impl Adam {
         });
     }
 
-    /// Moments and step, atomically (temporary file, fsync, rename).
+    /// Moments and step, written atomically.
     pub fn save(&self, path: &Path) -> Result<()> {
         let mut named: Vec<(String, Tensor)> = Vec::with_capacity(2 * self.params.len() + 1);
         for p in &self.params {
@@ -74,10 +74,8 @@ impl Adam {
             named.push((format!("v.{}", p.name), p.v.to_device(tch::Device::Cpu)));
         }
         named.push(("step".into(), Tensor::from_slice(&[self.step])));
-        let tmp = path.with_extension("safetensors.tmp");
-        Tensor::write_safetensors(&named, &tmp).map_err(|e| Error::Internal(format!("writing {}: {e}", tmp.display())))?;
-        std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| Error::Internal(format!("{}: {e}", tmp.display())))?;
-        std::fs::rename(&tmp, path).map_err(|e| Error::Internal(format!("{}: {e}", path.display())))
+        crate::model::checkpoint::write_safetensors_atomic(&named, path, &path.with_extension("safetensors.tmp"))
+            .map_err(|e| Error::Internal(e.to_string()))
     }
 
     pub fn load(&mut self, path: &Path) -> Result<()> {

@@ -113,7 +113,7 @@ fn load_one(item: &crate::eval::dataset::Item, predictor: &Predictor, precompute
     let bytes = read_file(&item.image)?;
     let image = crate::image_io::decode_rgb(&bytes, "image", 100_000_000)?;
     let truth = decode_mask(&read_file(&item.mask)?, "mask")?;
-    let truth = if (truth.width, truth.height) != image.dimensions() { truth.resize_nearest(image.width(), image.height()) } else { truth };
+    let (truth, _) = truth.fitted_to(image.width(), image.height());
     if truth.area() == 0 {
         return Err(crate::error::invalid("mask", "the ground truth is empty (no prompt can be simulated)"));
     }

@@ -118,6 +118,8 @@ pub struct Job {
     pub run_id: String,
     pub base: BaseModel,
     pub dataset: PathBuf,
+    /// The dataset's listing (read once, when the request was checked).
+    pub listing: Dataset,
     pub recipe: Recipe,
     pub dir: PathBuf,
     pub device: Device,
@@ -250,14 +252,14 @@ pub fn run(job: &Job, mut emit: impl FnMut(Event) -> bool, cancelled_now: impl F
         }
         checkpoint::load_strict(&mut sam.vs, &checkpoint_path(&job.dir, LAST))?;
     }
-    let ds = Dataset::open(&job.dataset)?;
+    let ds = &job.listing;
     let split = match &resumed {
         Some(s) => s.split.clone(),
-        None => data::split(&ds, r),
+        None => data::split(ds, r),
     };
     let store = crate::engine::store::EmbeddingStore::new(job.embedding_store.as_deref(), Some(&job.base.sha256), crate::model::Precision::Fp32, job.device);
     let predictor = Predictor::new(sam);
-    let (train, val, skipped) = data::load(&ds, &split, &predictor, !r.train_image_encoder, store.as_ref())?;
+    let (train, val, skipped) = data::load(ds, &split, &predictor, !r.train_image_encoder, store.as_ref())?;
     if train.is_empty() || val.is_empty() {
         return Err(invalid("dataset", format!("{} training and {} validation images: need at least one of each", train.len(), val.len())));
     }
@@ -378,17 +380,7 @@ fn cancelled(job: &Job, best_epoch: usize, best: f64) -> Finished {
 /// One optimisation step on a batch; returns (loss, dice part, bce part).
 fn train_step(sam: &Sam, adam: &mut Adam, batch: &[&Sample], r: &Recipe, epoch: usize) -> Result<(f64, f64, f64)> {
     let prepared: Vec<data::Prepared> = batch.iter().map(|s| data::prepare(s, r, epoch, sam)).collect::<Result<_>>()?;
-    let features = match &prepared[0].features {
-        Some(_) => Tensor::cat(&prepared.iter().map(|p| p.features.as_ref().expect("same mode").shallow_clone()).collect::<Vec<_>>(), 0),
-        None => {
-            let imgs = Tensor::cat(&prepared.iter().map(|p| p.image.as_ref().expect("live encoding").shallow_clone()).collect::<Vec<_>>(), 0);
-            sam.embed(&imgs)
-        }
-    };
-    let prompts: Vec<_> = prepared.iter().map(|p| (p.prompt, p.input_size, p.original_size)).collect();
-    let (pts, labels, boxes) = prompts_tensors(&prompts, r.mode, sam.device());
-    let pb = crate::model::prompt_encoder::PromptBatch { points: pts.as_ref().map(|p| (p, labels.as_ref().expect("labels with points"))), boxes: boxes.as_ref(), masks: None };
-    let (low, _iou) = sam.decode(&features, &pb, false);
+    let low = decode_batch(sam, &prepared, r.mode);
     let (dice, bce) = if r.loss_full_size {
         let mut d = Vec::new();
         let mut b = Vec::new();
@@ -417,6 +409,23 @@ fn train_step(sam: &Sam, adam: &mut Adam, batch: &[&Sample], r: &Recipe, epoch: 
     Ok((value, dice.double_value(&[]), bce.double_value(&[])))
 }
 
+/// Single-mask low-res logits (B, 1, 256, 256) of prepared samples: their cached embeddings, or
+/// their images encoded now (full training), decoded with their prompts.
+fn decode_batch(sam: &Sam, prepared: &[data::Prepared], mode: PromptMode) -> Tensor {
+    let features = match &prepared[0].features {
+        Some(_) => Tensor::cat(&prepared.iter().map(|p| p.features.as_ref().expect("same mode").shallow_clone()).collect::<Vec<_>>(), 0),
+        None => sam.embed(&Tensor::cat(&prepared.iter().map(|p| p.image.as_ref().expect("live encoding").shallow_clone()).collect::<Vec<_>>(), 0)),
+    };
+    let prompts: Vec<_> = prepared.iter().map(|p| (p.prompt, p.input_size, p.original_size)).collect();
+    let (pts, labels, boxes) = prompts_tensors(&prompts, mode, sam.device());
+    let pb = crate::model::prompt_encoder::PromptBatch {
+        points: pts.as_ref().map(|p| (p, labels.as_ref().expect("labels with points"))),
+        boxes: boxes.as_ref(),
+        masks: None,
+    };
+    sam.decode(&features, &pb, false).0
+}
+
 /// Validation Dice / IoU / accuracy at full resolution (as the evaluation measures), overall and
 /// per lesion type, with the fixed validation prompts.
 fn validate(sam: &Sam, val: &[Sample], r: &Recipe) -> (LabelScores, BTreeMap<String, LabelScores>) {
@@ -427,14 +436,7 @@ fn validate(sam: &Sam, val: &[Sample], r: &Recipe) -> (LabelScores, BTreeMap<Str
             if prepared.is_empty() {
                 continue;
             }
-            let features = match &prepared[0].features {
-                Some(_) => Tensor::cat(&prepared.iter().map(|p| p.features.as_ref().expect("same mode").shallow_clone()).collect::<Vec<_>>(), 0),
-                None => sam.embed(&Tensor::cat(&prepared.iter().map(|p| p.image.as_ref().expect("live").shallow_clone()).collect::<Vec<_>>(), 0)),
-            };
-            let prompts: Vec<_> = prepared.iter().map(|p| (p.prompt, p.input_size, p.original_size)).collect();
-            let (pts, labels, boxes) = prompts_tensors(&prompts, r.mode, sam.device());
-            let pb = crate::model::prompt_encoder::PromptBatch { points: pts.as_ref().map(|p| (p, labels.as_ref().expect("labels"))), boxes: boxes.as_ref(), masks: None };
-            let (low, _) = sam.decode(&features, &pb, false);
+            let low = decode_batch(sam, &prepared, r.mode);
             for (i, (p, s)) in prepared.iter().zip(chunk).enumerate() {
                 let full = sam.postprocess_masks(&low.narrow(0, i as i64, 1), p.input_size, p.original_size);
                 let pred = Vec::<u8>::try_from(full.gt(0.0).to_kind(Kind::Uint8).flatten(0, -1).to_device(Device::Cpu)).unwrap_or_default();
