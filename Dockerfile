@@ -55,8 +55,9 @@ RUN set -eu; \
       mkdir -p /stage/opt/torch/nvidia/$d; cp -a /opt/torch/nvidia/$d/lib /stage/opt/torch/nvidia/$d/; \
     done; \
     find /stage/opt/torch -name '*.a' -delete
-# The random-weight test model of the default config (tests/fixtures/golden/sam_tiny.pth).
-COPY tests/fixtures/golden/sam_tiny.pth /stage/opt/skinsam/tests/fixtures/golden/sam_tiny.pth
+# The default config's model: skinsam_tiny, trained on HAM10000 (MODEL_CARD.md), 13 MB.
+COPY models/skinsam_tiny.safetensors /stage/opt/skinsam/models/skinsam_tiny.safetensors
+COPY MODEL_CARD.md /stage/opt/skinsam/MODEL_CARD.md
 
 FROM ${RUNTIME_IMAGE}
 COPY --from=build /stage/ /

@@ -14,6 +14,8 @@ import torch
 from PIL import Image
 from segment_anything import SamPredictor, sam_model_registry
 
+from make_random_checkpoint import build_skinsam_tiny
+
 
 def main():
     ap = argparse.ArgumentParser()
@@ -29,7 +31,11 @@ def main():
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    sam = sam_model_registry[args.variant](checkpoint=args.checkpoint)
+    if args.variant == "skinsam_tiny":
+        sam = build_skinsam_tiny()
+        sam.load_state_dict(torch.load(args.checkpoint))
+    else:
+        sam = sam_model_registry[args.variant](checkpoint=args.checkpoint)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     sam.to(args.device).eval()

@@ -102,6 +102,7 @@ bad=(
   "helm/ci/bad-precision.yaml           at '/config/models/0/precision': value must be one of"
   "helm/ci/bad-variant.yaml             at '/config/models/0/variant': value must be one of"
   "helm/ci/bad-required-checkpoint.yaml config.models[0].checkpoint is required"
+  "helm/ci/bad-required-models-volume.yaml models.persistence.enabled or models.fetch.enabled is required"
   "helm/ci/bad-required-token.yaml      auth.token is required"
   "helm/ci/bad-alias-route.yaml         is not in config.models"
 )

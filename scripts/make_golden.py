@@ -9,8 +9,14 @@ official checkpoint format), runs the official SamPredictor on fixed images and 
   OUT/<image>.golden.safetensors  resized input, embedding, low-res logits (every 4th pixel per
                                   axis, to keep the files small), IoU predictions, masks (bit-packed)
 
+With --checkpoint (a .safetensors file) it runs those weights instead, and the manifest points
+at that file (the shipped default model: its golden outputs are committed, its weights are
+models/skinsam_tiny.safetensors).
+
 Usage:
   .venv/bin/python scripts/make_golden.py --variant tiny --out tests/fixtures/golden   (committed)
+  .venv/bin/python scripts/make_golden.py --variant skinsam_tiny \
+      --checkpoint models/skinsam_tiny.safetensors --out tests/fixtures/golden_skinsam_tiny   (committed)
   .venv/bin/python scripts/make_golden.py --variant vit_b --out /tmp/golden-vit_b      (by hand)
 """
 import argparse
@@ -25,6 +31,8 @@ from PIL import Image
 from safetensors.numpy import save_file
 from segment_anything import SamPredictor, sam_model_registry
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+from make_random_checkpoint import build_skinsam_tiny
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 IMAGES = os.path.join(HERE, "..", "tests", "fixtures", "images")
@@ -87,18 +95,29 @@ def packbits(masks):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--variant", default="tiny", choices=["tiny", "vit_b", "vit_l", "vit_h"])
+    ap.add_argument("--variant", default="tiny", choices=["tiny", "skinsam_tiny", "vit_b", "vit_l", "vit_h"])
+    ap.add_argument("--checkpoint", help="trained weights (.safetensors) instead of random ones")
     ap.add_argument("--out", required=True)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
-    sam = build_tiny() if args.variant == "tiny" else sam_model_registry[args.variant]()
-    randomise(sam)
-    sam.eval()
+    if args.variant == "tiny":
+        sam = build_tiny()
+    elif args.variant == "skinsam_tiny":
+        sam = build_skinsam_tiny()
+    else:
+        sam = sam_model_registry[args.variant]()
     os.makedirs(args.out, exist_ok=True)
-    ckpt = f"sam_{args.variant}.pth"
-    torch.save(sam.state_dict(), os.path.join(args.out, ckpt))
+    if args.checkpoint:
+        from safetensors.torch import load_file
+        sam.load_state_dict({k: v.float() for k, v in load_file(args.checkpoint).items()}, strict=True)
+        ckpt = os.path.relpath(os.path.abspath(args.checkpoint), os.path.abspath(args.out))
+    else:
+        randomise(sam)
+        ckpt = f"sam_{args.variant}.pth"
+        torch.save(sam.state_dict(), os.path.join(args.out, ckpt))
+    sam.eval()
     predictor = SamPredictor(sam)
     manifest = {"variant": args.variant, "checkpoint": ckpt,
                 "images_dir": os.path.relpath(IMAGES, os.path.abspath(args.out)), "seed": args.seed, "subsample": SUBSAMPLE, "images": []}

@@ -20,6 +20,7 @@ from grpc_tools import protoc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE = os.path.join(ROOT, "tests", "fixtures", "images", "ISIC_0024306.jpg")
+TRUTH = os.path.join(ROOT, "tests", "fixtures", "images", "ISIC_0024306_segmentation.png")
 
 
 def free_port():
@@ -73,10 +74,10 @@ def main():
             if time.time() > deadline or server.poll() is not None:
                 raise SystemExit("server did not become ready")
             time.sleep(0.2)
-        check("ListModels shows the default model", [m.id for m in ms] == ["tiny-random"], ms)
+        check("ListModels shows the default model", [m.id for m in ms] == ["skinsam-tiny"], ms)
         image = open(IMAGE, "rb").read()
         emb = embedding_pb2_grpc.EmbeddingServiceStub(channel)
-        r = emb.Embed(embedding_pb2.EmbedRequest(model_id="tiny-random", image=image))
+        r = emb.Embed(embedding_pb2.EmbedRequest(model_id="skinsam-tiny", image=image))
         check("Embed returns a handle and the image size", r.embedding_handle and (r.original_width, r.original_height) == (200, 150), r)
         prompt = common_pb2.Prompt(
             points=[common_pb2.Point(x=110, y=71, label=common_pb2.POINT_LABEL_FOREGROUND)],
@@ -84,7 +85,7 @@ def main():
         )
         seg = segmentation_pb2_grpc.SegmentationServiceStub(channel)
         s = seg.Segment(segmentation_pb2.SegmentRequest(
-            model_id="tiny-random", embedding_handle=r.embedding_handle, prompts=[prompt, prompt],
+            model_id="skinsam-tiny", embedding_handle=r.embedding_handle, prompts=[prompt, prompt],
             multimask_output=True, mask_format=segmentation_pb2.MASK_FORMAT_PNG_AND_RLE))
         check("Segment by handle answers per prompt", len(s.masks) == 2 and len(s.masks[0].scores) == 3, s.masks)
         png = Image.open(io.BytesIO(s.masks[0].png))
@@ -93,7 +94,17 @@ def main():
         counts = s.masks[0].rle.counts
         ones_rle = sum(counts[1::2])
         check("RLE and PNG agree", ones_png == ones_rle == s.masks[0].area, (ones_png, ones_rle, s.masks[0].area))
-        reqs = [segmentation_pb2.SegmentRequest(model_id="tiny-random", image=image, prompts=[prompt], request_id=f"q{i}") for i in range(4)]
+        # The default model is trained: its single-mask output (what it was trained on) finds
+        # the lesion of this HAM10000 image.
+        one = seg.Segment(segmentation_pb2.SegmentRequest(
+            model_id="skinsam-tiny", embedding_handle=r.embedding_handle, prompts=[prompt],
+            mask_format=segmentation_pb2.MASK_FORMAT_PNG))
+        pred = [v > 127 for v in Image.open(io.BytesIO(one.masks[0].png)).convert("L").tobytes()]
+        truth = [v > 127 for v in Image.open(TRUTH).convert("L").resize((200, 150), Image.NEAREST).tobytes()]
+        inter = sum(1 for p, t in zip(pred, truth) if p and t)
+        dice = 2 * inter / max(1, sum(pred) + sum(truth))
+        check("the default model segments the lesion (Dice >= 0.85)", dice >= 0.85, dice)
+        reqs = [segmentation_pb2.SegmentRequest(model_id="skinsam-tiny", image=image, prompts=[prompt], request_id=f"q{i}") for i in range(4)]
         ids = [x.request_id for x in seg.SegmentStream(iter(reqs))]
         check("SegmentStream keeps order", ids == ["q0", "q1", "q2", "q3"], ids)
         try:

@@ -24,14 +24,9 @@ embedding_store = "$out/store"
 [train]
 output_dir = "$out/runs"
 TOML
-"$BIN" serve --config "$out/server.toml" > "$out/server.log" 2>&1 &
-server=$!
-trap 'kill $server 2>/dev/null || true' EXIT
-for _ in $(seq 120); do
-  "$BIN" models --server http://127.0.0.1:50196 2>/dev/null | grep -q Ready && break
-  sleep 1
-done
 S=http://127.0.0.1:50196
+. scripts/serve-bg.sh
+serve_bg $S "$out/server.log" --config "$out/server.toml"
 "$BIN" train --server $S --base tiny-random --dataset "$DATA" --run-id "$RUN" --reference-width 600 --seed 0 \
   --split-seed 0 --lr "${LR:-1e-3}" --batch-size "${BATCH:-16}" --epochs "${EPOCHS:-30}" --patience 3 \
   --max-train-images "${MAX_TRAIN:-0}" --max-val-images "${MAX_VAL:-0}" --quiet | tee "$out/train.log"

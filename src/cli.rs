@@ -103,7 +103,7 @@ pub fn embed(conn: &Conn, model: &str, image: &Path) -> anyhow::Result<()> {
     })
 }
 
-pub fn segment(conn: &Conn, model: &str, image: &Path, bbox: Option<[f32; 4]>, points: &[[f32; 2]], out: &Path) -> anyhow::Result<()> {
+pub fn segment(conn: &Conn, model: &str, image: &Path, bbox: Option<[f32; 4]>, points: &[[f32; 2]], multimask: bool, out: &Path) -> anyhow::Result<()> {
     let bytes = std::fs::read(image).with_context(|| format!("reading {}", image.display()))?;
     let prompt = pb::Prompt {
         points: points.iter().map(|p| pb::Point { x: p[0], y: p[1], label: pb::PointLabel::Foreground as i32 }).collect(),
@@ -116,7 +116,7 @@ pub fn segment(conn: &Conn, model: &str, image: &Path, bbox: Option<[f32; 4]>, p
             model_id: model.to_owned(),
             source: Some(pb::segment_request::Source::Image(bytes.clone())),
             prompts: vec![prompt],
-            multimask_output: true,
+            multimask_output: multimask,
             mask_format: pb::MaskFormat::Png as i32,
             ..Default::default()
         };

@@ -121,25 +121,44 @@ pub async fn segment_load(url: &str, model: &str, image: Vec<u8>, prompt: &Promp
 }
 
 /// Embeds `images` (distinct) from `concurrency` concurrent clients: micro-batching shows as
-/// the images/s gained over `concurrency` = 1.
-pub async fn embed_load(url: &str, model: &str, images: Vec<Vec<u8>>, concurrency: usize) -> Result<LatencyReport> {
+/// the images/s gained over `concurrency` = 1. With `segment`, each image is sent in a Segment
+/// request with that prompt instead (one mask, PNG): the whole call for a new image.
+pub async fn embed_load(url: &str, model: &str, images: Vec<Vec<u8>>, concurrency: usize, segment: Option<&Prompt>) -> Result<LatencyReport> {
     let ch = connect(url).await?;
-    let client = pb::embedding_service_client::EmbeddingServiceClient::new(ch);
+    let client = pb::embedding_service_client::EmbeddingServiceClient::new(ch.clone());
+    let seg_client = pb::segmentation_service_client::SegmentationServiceClient::new(ch).max_decoding_message_size(64 << 20);
+    let seg_prompt = segment.map(to_pb_prompt);
     let queue = std::sync::Arc::new(tokio::sync::Mutex::new(images));
     let start = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..concurrency.max(1) {
         let mut c = client.clone();
+        let mut sc = seg_client.clone();
         let queue = queue.clone();
         let model = model.to_owned();
+        let seg_prompt = seg_prompt.clone();
         tasks.push(tokio::spawn(async move {
             let (mut lat, mut errors) = (Vec::new(), 0);
             loop {
                 let Some(image) = queue.lock().await.pop() else { break };
                 let t = Instant::now();
-                match c.embed(pb::EmbedRequest { model_id: model.clone(), image, ..Default::default() }).await {
-                    Ok(_) => lat.push(t.elapsed().as_secs_f64() * 1e3),
-                    Err(_) => errors += 1,
+                let ok = match &seg_prompt {
+                    None => c.embed(pb::EmbedRequest { model_id: model.clone(), image, ..Default::default() }).await.is_ok(),
+                    Some(p) => sc
+                        .segment(pb::SegmentRequest {
+                            model_id: model.clone(),
+                            source: Some(pb::segment_request::Source::Image(image)),
+                            prompts: vec![p.clone()],
+                            mask_format: pb::MaskFormat::Png as i32,
+                            ..Default::default()
+                        })
+                        .await
+                        .is_ok(),
+                };
+                if ok {
+                    lat.push(t.elapsed().as_secs_f64() * 1e3);
+                } else {
+                    errors += 1;
                 }
             }
             (lat, errors)
@@ -151,7 +170,7 @@ pub async fn embed_load(url: &str, model: &str, images: Vec<Vec<u8>>, concurrenc
         lat.extend(l);
         errors += e;
     }
-    Ok(report("grpc_embed", model, concurrency, 1, lat, errors, start.elapsed()))
+    Ok(report(if segment.is_some() { "grpc_segment_new_image" } else { "grpc_embed" }, model, concurrency, 1, lat, errors, start.elapsed()))
 }
 
 /// The same decode as a Segment request, in-process: predict (best mask post-processed) and

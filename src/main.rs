@@ -30,7 +30,7 @@ enum Command {
     /// Embed an image on a running server; prints the handle.
     Embed {
         image: PathBuf,
-        #[arg(long, default_value = "tiny-random")]
+        #[arg(long, default_value = "skinsam-tiny")]
         model: String,
         #[command(flatten)]
         client: ClientArgs,
@@ -38,7 +38,7 @@ enum Command {
     /// Segment an image on a running server: writes the mask PNG and an overlay PNG beside it.
     Segment {
         image: PathBuf,
-        #[arg(long, default_value = "tiny-random")]
+        #[arg(long, default_value = "skinsam-tiny")]
         model: String,
         /// x0,y0,x1,y1 in image pixels.
         #[arg(long, value_parser = parse_floats::<4>)]
@@ -48,6 +48,10 @@ enum Command {
         point: Vec<[f32; 2]>,
         #[arg(long, default_value = "mask.png")]
         out: PathBuf,
+        /// Three candidate masks, the best by predicted IoU (SAM's ambiguity output); default one
+        /// mask, the output skinsam_tiny and fine-tuned models are trained on.
+        #[arg(long)]
+        multimask: bool,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -96,6 +100,9 @@ enum Command {
     Convert {
         #[arg(long)]
         variant: SamVariant,
+        /// Store the large tensors as fp16 (half the size; loaded back as fp32).
+        #[arg(long)]
+        fp16: bool,
         input: PathBuf,
         output: PathBuf,
     },
@@ -144,6 +151,8 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         threads: i32,
     },
+    /// (Re)draw a training run's curve.png from its last.json (written every epoch anyway).
+    TrainCurve { run_dir: PathBuf },
     /// Time the trainer's step on cached embeddings (see scripts/bench_train.sh); prints JSON.
     TrainBench {
         #[arg(long)]
@@ -158,7 +167,7 @@ enum Command {
     /// Load generator against a running server: Segment latency/throughput by concurrency, and
     /// embedding throughput with distinct images; prints JSON lines.
     Loadgen {
-        #[arg(long, default_value = "tiny-random")]
+        #[arg(long, default_value = "skinsam-tiny")]
         model: String,
         #[arg(long)]
         image: PathBuf,
@@ -178,6 +187,9 @@ enum Command {
         embed_images: usize,
         #[arg(long, value_delimiter = ',', default_value = "1,8")]
         embed_concurrency: Vec<usize>,
+        /// Also send the distinct images as Segment requests (the whole call for a new image).
+        #[arg(long)]
+        segment_new_images: bool,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -328,8 +340,33 @@ struct TrainCli {
     max_val_images: u32,
     #[arg(long, default_value_t = 0)]
     progress_every: u32,
+    /// Mix of prompt kinds drawn per step, e.g. "box_point=0.55,box=0.2,point=0.15,none=0.1"
+    /// (default: always --mode).
+    #[arg(long, value_parser = parse_prompt_mix)]
+    prompt_mix: Option<PromptMix>,
+    #[arg(long, value_enum, default_value = "constant")]
+    lr_schedule: skinsam::train::LrSchedule,
+    #[arg(long, default_value_t = 0)]
+    warmup_steps: u32,
+    /// AdamW's decoupled weight decay (0 = Adam).
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f64,
     #[arg(long)]
     quiet: bool,
+}
+
+/// A newtype, so that clap takes the whole list as one value.
+#[derive(Clone, Debug)]
+struct PromptMix(Vec<(skinsam::eval::prompts::PromptMode, f64)>);
+
+fn parse_prompt_mix(s: &str) -> std::result::Result<PromptMix, String> {
+    s.split(',')
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').ok_or_else(|| format!("{kv:?} is not kind=weight"))?;
+            Ok((k.trim().parse()?, v.trim().parse::<f64>().map_err(|e| format!("{v:?}: {e}"))?))
+        })
+        .collect::<std::result::Result<_, String>>()
+        .map(PromptMix)
 }
 
 impl TrainCli {
@@ -364,6 +401,18 @@ impl TrainCli {
                 max_train_images: self.max_train_images,
                 max_val_images: self.max_val_images,
                 progress_every: self.progress_every,
+                prompt_mix: self
+                    .prompt_mix
+                    .iter()
+                    .flat_map(|m| &m.0)
+                    .map(|&(m, weight)| pb::PromptKindWeight { mode: skinsam::grpc::evaluation::mode_to_pb(m) as i32, weight })
+                    .collect(),
+                lr_schedule: match self.lr_schedule {
+                    skinsam::train::LrSchedule::Constant => pb::LrSchedule::Constant,
+                    skinsam::train::LrSchedule::Cosine => pb::LrSchedule::Cosine,
+                } as i32,
+                warmup_steps: self.warmup_steps,
+                weight_decay: self.weight_decay,
             }),
         }
     }
@@ -448,14 +497,20 @@ fn main() -> anyhow::Result<()> {
         Command::Train { train, client } => {
             skinsam::train::client::train(&client.conn(), train.request(), train.quiet)?;
         }
+        Command::TrainCurve { run_dir } => {
+            let sidecar = skinsam::train::read_sidecar(&run_dir, skinsam::train::LAST)?;
+            let out = run_dir.join("curve.png");
+            skinsam::eval::report::write_atomic(&out, &skinsam::train::curve::curve_png(&sidecar.history)?)?;
+            println!("{}", out.display());
+        }
         Command::TrainBench { variant, batch, steps, device } => {
             let r = skinsam::train::bench::time_steps(variant, batch, steps, parse_device(&device)?);
             println!("{}", serde_json::to_string(&r)?);
         }
         Command::MergeReports { out, shards } => skinsam::eval::client::merge_reports(&out, &shards)?,
         Command::Embed { image, model, client } => skinsam::cli::embed(&client.conn(), &model, &image)?,
-        Command::Segment { image, model, r#box, point, out, client } => {
-            skinsam::cli::segment(&client.conn(), &model, &image, r#box, &point, &out)?
+        Command::Segment { image, model, r#box, point, out, multimask, client } => {
+            skinsam::cli::segment(&client.conn(), &model, &image, r#box, &point, multimask, &out)?
         }
         Command::Parity { golden, device, precision, max_logit_diff, min_mask_iou } => {
             let device = parse_device(&device)?;
@@ -471,9 +526,9 @@ fn main() -> anyhow::Result<()> {
                 bail!("parity check failed (limits: logits {max_logit_diff}, mask IoU {min_mask_iou})");
             }
         }
-        Command::Convert { variant, input, output } => {
+        Command::Convert { variant, fp16, input, output } => {
             let (sam, ckpt) = Sam::load(variant, &input, tch::Device::Cpu)?;
-            checkpoint::save_safetensors(&sam.vs, &output)?;
+            checkpoint::save_safetensors_as(&sam.vs, &output, if fp16 { tch::Kind::Half } else { tch::Kind::Float })?;
             println!("{} ({} tensors, sha256 {}) -> {}", input.display(), ckpt.num_tensors, ckpt.sha256, output.display());
         }
         Command::Predict { image, variant, checkpoint, r#box, point, out, device, precision } => {
@@ -525,7 +580,7 @@ fn main() -> anyhow::Result<()> {
             })?;
             println!("{}", serde_json::to_string(&r)?);
         }
-        Command::Loadgen { model, image, r#box, point, concurrency, requests, prompts, embed_images, embed_concurrency, client } => {
+        Command::Loadgen { model, image, r#box, point, concurrency, requests, prompts, embed_images, embed_concurrency, segment_new_images, client } => {
             let bytes = std::fs::read(&image).with_context(|| format!("reading {}", image.display()))?;
             let prompt = Prompt { points: vec![PointPrompt { x: point[0], y: point[1], label: 1 }], bbox: Some(r#box), mask_input: None };
             let rt = tokio::runtime::Runtime::new()?;
@@ -546,8 +601,14 @@ fn main() -> anyhow::Result<()> {
                                 img.write_to(&mut out, image::ImageFormat::Png).map(|_| out.into_inner())
                             })
                             .collect::<Result<Vec<_>, _>>()?;
-                        let r = skinsam::loadgen::embed_load(&client.server, &model, images, c).await?;
+                        let r = skinsam::loadgen::embed_load(&client.server, &model, images.clone(), c, None).await?;
                         println!("{}", serde_json::to_string(&r)?);
+                        if segment_new_images {
+                            // Other pixels again, so that these images are new to the cache too.
+                            let fresh: Vec<Vec<u8>> = images.iter().map(|b| { let mut v = b.clone(); v.push(0); v }).collect();
+                            let r = skinsam::loadgen::embed_load(&client.server, &model, fresh, c, Some(&prompt)).await?;
+                            println!("{}", serde_json::to_string(&r)?);
+                        }
                     }
                 }
                 anyhow::Ok(())

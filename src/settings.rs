@@ -142,12 +142,12 @@ default_device = "auto"
 threads = 0
 log_format = "text"
 
-# Until a trained default model exists: the tiny random-weight test model, so that the server
-# starts on a fresh clone. Its masks are not lesions. See README for the official checkpoints.
+# The project's own model, trained on HAM10000 with scripts/train_skinsam_tiny.sh (MODEL_CARD.md):
+# segments skin lesions out of the box on a fresh clone. Official checkpoints: see README.
 [[models]]
-id = "tiny-random"
-variant = "tiny"
-checkpoint = "tests/fixtures/golden/sam_tiny.pth"
+id = "skinsam-tiny"
+variant = "skinsam_tiny"
+checkpoint = "models/skinsam_tiny.safetensors"
 
 [cache]
 max_bytes = 536870912

@@ -38,6 +38,30 @@ fn official_pth_loads_with_every_key_and_a_checksum() {
 }
 
 #[test]
+fn fp16_safetensors_are_smaller_and_load_back_close() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sam, _) = Sam::load(SamVariant::Tiny, &common::tiny_checkpoint(), Device::Cpu).unwrap();
+    let (full, half) = (dir.path().join("f.safetensors"), dir.path().join("h.safetensors"));
+    checkpoint::save_safetensors(&sam.vs, &full).unwrap();
+    checkpoint::save_safetensors_as(&sam.vs, &half, tch::Kind::Half).unwrap();
+    let size = |p: &std::path::Path| std::fs::metadata(p).unwrap().len() as f64;
+    // The tiny model has many small tensors (kept fp32); a full-size model comes close to half.
+    assert!(size(&half) < 0.7 * size(&full), "{} vs {}", size(&half), size(&full));
+    let stored = Tensor::read_safetensors(&half).unwrap();
+    let kind_of = |k: &str| stored.iter().find(|(n, _)| n == k).unwrap().1.kind();
+    assert_eq!(kind_of("image_encoder.patch_embed.proj.weight"), tch::Kind::Half);
+    assert_eq!(kind_of("prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"), tch::Kind::Float, "small tensors stay fp32");
+    let (again, _) = Sam::load(SamVariant::Tiny, &half, Device::Cpu).unwrap();
+    let a = sam.vs.variables();
+    for (k, t) in again.vs.variables() {
+        assert_eq!(t.kind(), tch::Kind::Float, "{k} loads as fp32");
+        let d = (&t - &a[&k]).abs().max().double_value(&[]);
+        let m = a[&k].abs().max().double_value(&[]).max(1e-3);
+        assert!(d <= m * 1e-3, "{k}: {d} vs max {m}");
+    }
+}
+
+#[test]
 fn safetensors_round_trip_is_exact() {
     let dir = tempfile::tempdir().unwrap();
     let (sam, _) = Sam::load(SamVariant::Tiny, &common::tiny_checkpoint(), Device::Cpu).unwrap();

@@ -3,7 +3,7 @@
 //! online A/B alias.
 
 mod common;
-use common::{channel, start};
+use common::{channel, start, tiny_settings};
 use skinsam::engine::pick_route;
 use skinsam::grpc::pb::{self, evaluation_service_client::EvaluationServiceClient, segmentation_service_client::SegmentationServiceClient};
 use skinsam::settings::{AliasRoute, AliasSettings, ModelSettings, Settings};
@@ -12,7 +12,7 @@ use std::time::Duration;
 use tonic::Code;
 
 fn settings_with_roots(store: Option<&Path>) -> Settings {
-    let mut s = Settings::defaults();
+    let mut s = tiny_settings();
     s.eval.dataset_roots = vec![common::fixtures()];
     s.eval.embedding_store = store.map(Path::to_owned);
     s
@@ -118,7 +118,7 @@ async fn evaluate_streams_results_in_order_with_summaries_and_comparisons() {
 
 #[tokio::test]
 async fn evaluate_upload_scores_streamed_images_and_skips_bad_ones() {
-    let s = start(Settings::defaults(), true).await;
+    let s = start(tiny_settings(), true).await;
     let mut c = EvaluationServiceClient::new(channel(&s).await);
     let fx = common::fixtures().join("ham_mini");
     let ds = skinsam::eval::dataset::Dataset::open(&fx).unwrap();
@@ -270,7 +270,7 @@ fn alias_routes_by_weight_and_sticks_per_image() {
 
 #[tokio::test]
 async fn alias_serves_segment_requests_through_its_routes() {
-    let mut settings = Settings::defaults();
+    let mut settings = tiny_settings();
     let mut b = settings.models[0].clone();
     b.id = "tiny-b".into();
     settings.models.push(ModelSettings { ..b });

@@ -2,12 +2,11 @@
 //! streaming order and chunking, limits, auth, health and hot load/unload.
 
 mod common;
-use common::{channel, start};
+use common::{channel, start, tiny_settings};
 use skinsam::grpc::server::{bind, serve};
 use skinsam::engine::Registry;
 use skinsam::grpc::pb::{self, embedding_service_client::EmbeddingServiceClient, model_service_client::ModelServiceClient,
     segmentation_service_client::SegmentationServiceClient};
-use skinsam::settings::Settings;
 use std::time::Duration;
 use tonic::transport::Channel;
 use tonic::Code;
@@ -39,7 +38,7 @@ fn seg_req(source: pb::segment_request::Source, n_prompts: usize) -> pb::Segment
 
 #[tokio::test]
 async fn embed_then_segment_round_trip() {
-    let s = start(Settings::defaults(), true).await;
+    let s = start(tiny_settings(), true).await;
     let ch = channel(&s).await;
     let mut emb = EmbeddingServiceClient::new(ch.clone());
     let r = emb.embed(pb::EmbedRequest { model_id: "tiny-random".into(), image: image(), ..Default::default() }).await.unwrap().into_inner();
@@ -71,7 +70,7 @@ async fn embed_then_segment_round_trip() {
 
 #[tokio::test]
 async fn streams_keep_order_and_chunk_embeddings() {
-    let mut settings = Settings::defaults();
+    let mut settings = tiny_settings();
     settings.limits.max_message_bytes = 200_000; // the tiny embedding (512 KiB fp32) needs chunks
     let s = start(settings, true).await;
     let ch = channel(&s).await;
@@ -116,7 +115,7 @@ async fn streams_keep_order_and_chunk_embeddings() {
 
 #[tokio::test]
 async fn bad_requests_get_clear_statuses() {
-    let mut settings = Settings::defaults();
+    let mut settings = tiny_settings();
     settings.limits.max_prompts = 4;
     let s = start(settings, true).await;
     let mut seg = SegmentationServiceClient::new(channel(&s).await);
@@ -152,7 +151,7 @@ async fn bad_requests_get_clear_statuses() {
 
 #[tokio::test]
 async fn evicted_handle_says_so() {
-    let mut settings = Settings::defaults();
+    let mut settings = tiny_settings();
     settings.cache.max_bytes = 600_000; // one tiny embedding (524288 bytes)
     let s = start(settings, true).await;
     let ch = channel(&s).await;
@@ -168,7 +167,7 @@ async fn evicted_handle_says_so() {
 
 #[tokio::test]
 async fn full_queue_is_resource_exhausted_and_others_still_served() {
-    let mut settings = Settings::defaults();
+    let mut settings = tiny_settings();
     settings.limits.queue_depth = 1;
     let s = start(settings, true).await;
     let ch = channel(&s).await;
@@ -197,7 +196,7 @@ async fn full_queue_is_resource_exhausted_and_others_still_served() {
 
 #[tokio::test]
 async fn bearer_tokens_guard_rpcs_and_admin_rpcs() {
-    let mut settings = Settings::defaults();
+    let mut settings = tiny_settings();
     settings.auth.token = Some("user-secret".into());
     settings.auth.admin_token = Some("admin-secret".into());
     let s = start(settings, true).await;
@@ -222,7 +221,7 @@ async fn bearer_tokens_guard_rpcs_and_admin_rpcs() {
 
 #[tokio::test]
 async fn health_follows_hot_load_and_unload() {
-    let mut settings = Settings::defaults();
+    let mut settings = tiny_settings();
     settings.models.clear();
     let s = start(settings, false).await;
     let ch = channel(&s).await;
@@ -290,7 +289,7 @@ async fn health_follows_hot_load_and_unload() {
 
 #[tokio::test]
 async fn a_client_that_goes_away_stops_its_stream() {
-    let s = start(Settings::defaults(), true).await;
+    let s = start(tiny_settings(), true).await;
     let ch = channel(&s).await;
     // 12 images take the tiny model about 3 s to encode; the wait below is longer, so a server
     // that kept working would have cached the last one.
@@ -327,7 +326,7 @@ async fn tls_serves_only_tls_clients() {
     let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
     std::fs::write(&cert, ck.cert.pem()).unwrap();
     std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
-    let mut settings = Settings::defaults();
+    let mut settings = tiny_settings();
     settings.tls.cert = Some(cert.clone());
     settings.tls.key = Some(key);
     let s = start(settings, true).await;
@@ -344,7 +343,7 @@ async fn tls_serves_only_tls_clients() {
 
 #[tokio::test]
 async fn half_configured_tls_is_refused() {
-    let mut settings = Settings::defaults();
+    let mut settings = tiny_settings();
     settings.models.clear();
     settings.tls.cert = Some("cert.pem".into());
     let (listener, _) = bind("127.0.0.1:0").await.unwrap();

@@ -3,7 +3,7 @@
 //! an uninterrupted one, one run per device, and bad requests.
 
 mod common;
-use common::{channel, start, TestServer};
+use common::{channel, start, tiny_settings, TestServer};
 use skinsam::grpc::pb::{self, segmentation_service_client::SegmentationServiceClient, training_service_client::TrainingServiceClient};
 use skinsam::settings::Settings;
 use std::path::Path;
@@ -11,7 +11,7 @@ use std::time::Duration;
 use tonic::Code;
 
 fn settings(dir: &Path) -> Settings {
-    let mut s = Settings::defaults();
+    let mut s = tiny_settings();
     s.eval.dataset_roots = vec![common::fixtures()];
     s.eval.embedding_store = Some(dir.join("store"));
     s.train.output_dir = dir.join("runs");
@@ -133,19 +133,38 @@ async fn training_improves_validation_dice_and_the_best_checkpoint_is_served() {
     assert_eq!(served.masks[0].rle.as_ref().unwrap().counts, rle, "the served model is the best checkpoint");
 }
 
+/// The default model's recipe options: a mix of prompt kinds (no prompt included), AdamW, a
+/// warmed-up cosine schedule.
+fn mixed(run_id: &str, epochs: u32) -> pb::TrainRequest {
+    let mut req = request(run_id, epochs);
+    let r = req.recipe.as_mut().unwrap();
+    r.prompt_mix = [(pb::PromptMode::BoxPoint, 0.4), (pb::PromptMode::Box, 0.2), (pb::PromptMode::Point, 0.2), (pb::PromptMode::None, 0.2)]
+        .into_iter()
+        .map(|(m, weight)| pb::PromptKindWeight { mode: m as i32, weight })
+        .collect();
+    r.lr_schedule = pb::LrSchedule::Cosine as i32;
+    r.warmup_steps = 3;
+    r.weight_decay = 0.01;
+    req
+}
+
 #[tokio::test]
 async fn a_resumed_run_equals_an_uninterrupted_one() {
     let tmp = tempfile::tempdir().unwrap();
     let s = start(settings(tmp.path()), true).await;
-    let whole = run(&s, request("whole", 4), None).await.unwrap();
+    let whole = run(&s, mixed("whole", 4), None).await.unwrap();
     assert_eq!(whole.epochs.len(), 5);
+    // The cosine schedule: the rate falls epoch by epoch, to zero at the last step.
+    let lrs: Vec<f64> = whole.epochs[1..].iter().map(|e| e.learning_rate).collect();
+    assert!(lrs.windows(2).all(|w| w[1] < w[0]), "{lrs:?}");
+    assert!(lrs[3].abs() < 1e-9, "{lrs:?}");
     // Interrupted after epoch 2 (the client goes away), then resumed.
-    let part = run(&s, request("parts", 4), Some(2)).await.unwrap();
+    let part = run(&s, mixed("parts", 4), Some(2)).await.unwrap();
     assert_eq!(part.epochs.last().unwrap().epoch, 2);
     let mut c = TrainingServiceClient::new(channel(&s).await);
     wait_idle(&s, &mut c, "parts").await;
     assert_eq!(c.get_run(pb::GetRunRequest { run_id: "parts".into() }).await.unwrap().into_inner().state, "cancelled");
-    let mut again = request("parts", 4);
+    let mut again = mixed("parts", 4);
     again.resume = true;
     let rest = run(&s, again, None).await.unwrap();
     let first_new = rest.epochs.first().unwrap().epoch;
@@ -158,6 +177,8 @@ async fn a_resumed_run_equals_an_uninterrupted_one() {
         v["history"].as_array().unwrap().iter().map(|e| (e["epoch"].clone(), e["train_loss"].clone(), e["val"].clone())).collect::<Vec<_>>()
     };
     assert_eq!(key(&a), key(&b), "same losses and validation scores, epoch by epoch");
+    let curve = image::open(tmp.path().join("runs/whole/curve.png")).expect("the run's training curve is a PNG");
+    assert!(curve.width() > 500 && curve.height() > 300);
     let wa = std::fs::read(tmp.path().join("runs/whole/last.safetensors")).unwrap();
     let wb = std::fs::read(tmp.path().join("runs/parts/last.safetensors")).unwrap();
     assert!(wa == wb, "the same final weights");
@@ -211,6 +232,18 @@ async fn one_run_per_device_and_bad_requests() {
     let mut r = request("x6", 1);
     r.recipe.as_mut().unwrap().learning_rate = Some(-1.0);
     cases.push((r, Code::InvalidArgument, "learning_rate"));
+    let mut r = mixed("x7", 1);
+    r.recipe.as_mut().unwrap().prompt_mix[1].weight = -1.0;
+    cases.push((r, Code::InvalidArgument, "recipe.prompt_mix"));
+    let mut r = mixed("x8", 1);
+    r.recipe.as_mut().unwrap().prompt_mix[0].mode = 42;
+    cases.push((r, Code::InvalidArgument, "recipe.prompt_mix.mode"));
+    let mut r = mixed("x9", 1);
+    r.recipe.as_mut().unwrap().weight_decay = 1.5;
+    cases.push((r, Code::InvalidArgument, "recipe.weight_decay"));
+    let mut r = mixed("x10", 1);
+    r.recipe.as_mut().unwrap().lr_schedule = 9;
+    cases.push((r, Code::InvalidArgument, "recipe.lr_schedule"));
     let mut r = request("never-ran", 1);
     r.resume = true;
     cases.push((r, Code::NotFound, "resume"));

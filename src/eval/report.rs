@@ -212,10 +212,10 @@ pub fn markdown(info: &RunInfo, s: &EvalSummary) -> String {
     md
 }
 
-const COLORS: [RGBColor; 6] = [RGBColor(31, 119, 180), RGBColor(255, 127, 14), RGBColor(44, 160, 44), RGBColor(214, 39, 40), RGBColor(148, 103, 189), RGBColor(140, 86, 75)];
+pub(crate) const COLORS: [RGBColor; 6] = [RGBColor(31, 119, 180), RGBColor(255, 127, 14), RGBColor(44, 160, 44), RGBColor(214, 39, 40), RGBColor(148, 103, 189), RGBColor(140, 86, 75)];
 const BINS: usize = 20;
 
-fn register_font() {
+pub(crate) fn register_font() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, include_bytes!("../../assets/fonts/DejaVuSans.ttf"));
@@ -279,7 +279,7 @@ pub fn histogram_png(models: &[String], rows: &[ImageResult], metric: &str, f: f
     png(&RgbImage::from_raw(w, h, buf).context("plot buffer")?)
 }
 
-fn png(img: &RgbImage) -> Result<Vec<u8>> {
+pub(crate) fn png(img: &RgbImage) -> Result<Vec<u8>> {
     let mut out = std::io::Cursor::new(Vec::new());
     img.write_to(&mut out, image::ImageFormat::Png)?;
     Ok(out.into_inner())

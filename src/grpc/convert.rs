@@ -12,6 +12,7 @@ pub fn variant_from_pb(v: i32, field: &str) -> Result<SamVariant> {
         Ok(pb::Variant::VitL) => Ok(SamVariant::VitL),
         Ok(pb::Variant::VitH) => Ok(SamVariant::VitH),
         Ok(pb::Variant::Tiny) => Ok(SamVariant::Tiny),
+        Ok(pb::Variant::SkinsamTiny) => Ok(SamVariant::SkinsamTiny),
         Ok(pb::Variant::Unspecified) => Err(invalid(field, "VARIANT_UNSPECIFIED: name the SAM variant")),
         Err(_) => Err(invalid(field, format!("{v} is not a Variant value"))),
     }
@@ -23,6 +24,7 @@ pub fn variant_to_pb(v: SamVariant) -> pb::Variant {
         SamVariant::VitL => pb::Variant::VitL,
         SamVariant::VitH => pb::Variant::VitH,
         SamVariant::Tiny => pb::Variant::Tiny,
+        SamVariant::SkinsamTiny => pb::Variant::SkinsamTiny,
     }
 }
 

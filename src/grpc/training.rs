@@ -8,7 +8,7 @@ use crate::engine::Registry;
 use crate::error::{invalid, Error, Result};
 use crate::eval::prompts::SimParams;
 use crate::settings::ModelSettings;
-use crate::train::{self, BaseModel, EpochRecord, Job, LabelScores, Recipe};
+use crate::train::{self, BaseModel, EpochRecord, Job, LabelScores, LrSchedule, Recipe};
 use dashmap::DashMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -63,6 +63,18 @@ pub fn recipe_from_pb(r: &pb::TrainRecipe) -> Result<Recipe> {
         max_train_images: r.max_train_images as usize,
         max_val_images: r.max_val_images as usize,
         progress_every: r.progress_every as usize,
+        prompt_mix: r
+            .prompt_mix
+            .iter()
+            .map(|k| Ok((mode_from_pb(k.mode).map_err(|_| invalid("recipe.prompt_mix.mode", format!("unknown prompt mode {}", k.mode)))?, k.weight)))
+            .collect::<Result<_>>()?,
+        lr_schedule: match pb::LrSchedule::try_from(r.lr_schedule) {
+            Ok(pb::LrSchedule::Unspecified | pb::LrSchedule::Constant) => LrSchedule::Constant,
+            Ok(pb::LrSchedule::Cosine) => LrSchedule::Cosine,
+            Err(_) => return Err(invalid("recipe.lr_schedule", format!("unknown schedule {}", r.lr_schedule))),
+        },
+        warmup_steps: r.warmup_steps as usize,
+        weight_decay: r.weight_decay,
     };
     recipe.validate()?;
     if !(0.0..1.0).contains(&recipe.params.max_scale) || recipe.params.margin < 0.0 || recipe.params.max_shift < 0.0 {

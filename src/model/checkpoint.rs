@@ -225,9 +225,24 @@ pub fn write_safetensors_atomic<T: AsRef<str>>(named: &[(T, Tensor)], path: &Pat
 
 /// Writes the model's weights as safetensors, atomically (see [`write_safetensors_atomic`]).
 pub fn save_safetensors(vs: &nn::VarStore, path: &Path) -> Result<(), CheckpointError> {
+    save_safetensors_as(vs, path, Kind::Float)
+}
+
+/// Tensors smaller than this stay fp32 in a half-precision file: biases, norms, the prompt
+/// encoder's Fourier matrix; they cost nothing and keep their precision.
+const HALF_MIN_ELEMENTS: i64 = 4096;
+
+/// As [`save_safetensors`], with the large tensors stored as `kind` (fp16 halves the file; the
+/// loader converts back to the model's precision).
+pub fn save_safetensors_as(vs: &nn::VarStore, path: &Path, kind: Kind) -> Result<(), CheckpointError> {
     let vars = vs.variables();
-    let mut named: Vec<(String, Tensor)> =
-        vars.into_iter().map(|(k, t)| (k, t.to_kind(Kind::Float).to_device(tch::Device::Cpu).contiguous())).collect();
+    let mut named: Vec<(String, Tensor)> = vars
+        .into_iter()
+        .map(|(k, t)| {
+            let kind = if t.numel() as i64 >= HALF_MIN_ELEMENTS { kind } else { Kind::Float };
+            (k, t.to_kind(kind).to_device(tch::Device::Cpu).contiguous())
+        })
+        .collect();
     named.sort_by(|a, b| a.0.cmp(&b.0));
     write_safetensors_atomic(&named, path, &path.with_extension("safetensors.tmp"))
 }

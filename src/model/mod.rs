@@ -127,7 +127,13 @@ impl Sam {
     /// Low-res logits (B, K, 256, 256) and IoU predictions (B, K) for a batch of prompts on
     /// one image embedding (1, C, 64, 64), or one embedding per prompt (B, C, 64, 64).
     pub fn decode(&self, embedding: &Tensor, prompts: &PromptBatch, multimask_output: bool) -> (Tensor, Tensor) {
-        let (sparse, dense) = self.prompt_encoder.forward(prompts);
+        let (mut sparse, mut dense) = self.prompt_encoder.forward(prompts);
+        let n = embedding.size()[0];
+        if n > 1 && prompts.points.is_none() && prompts.boxes.is_none() && prompts.masks.is_none() {
+            // No prompt at all for a batch of images: the same empty prompt for each of them.
+            sparse = sparse.expand([n, -1, -1], false);
+            dense = dense.expand([n, -1, -1, -1], false);
+        }
         let pe = self.prompt_encoder.get_dense_pe();
         self.mask_decoder.forward(embedding, &pe, &sparse, &dense, multimask_output)
     }

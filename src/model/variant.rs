@@ -5,7 +5,8 @@ use std::fmt;
 use std::str::FromStr;
 
 /// A SAM architecture. vit_b/vit_l/vit_h are the official ones; `Tiny` is a small random-weight
-/// variant with the same structure, used by the tests.
+/// variant with the same structure, used by the tests; `SkinsamTiny` is the project's own small
+/// model (256-px input, trained from scratch on HAM10000: see MODEL_CARD.md).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SamVariant {
@@ -13,6 +14,7 @@ pub enum SamVariant {
     VitL,
     VitH,
     Tiny,
+    SkinsamTiny,
 }
 
 /// Every number `build_sam` passes to the three modules.
@@ -73,7 +75,7 @@ const COMMON: SamConfig = SamConfig {
 };
 
 impl SamVariant {
-    pub const ALL: [SamVariant; 4] = [Self::VitB, Self::VitL, Self::VitH, Self::Tiny];
+    pub const ALL: [SamVariant; 5] = [Self::VitB, Self::VitL, Self::VitH, Self::Tiny, Self::SkinsamTiny];
 
     pub fn config(self) -> SamConfig {
         match self {
@@ -105,6 +107,19 @@ impl SamVariant {
                 iou_head_hidden_dim: 32,
                 ..COMMON
             },
+            // Dermoscopy images are small (HAM10000's copies here are 200x150), so a 256-px input
+            // loses nothing; 16x16 tokens make global attention in every block cheap, so there
+            // are no windows. The prompt encoder and the two-way decoder keep vit_b's widths,
+            // with a narrower decoder MLP (1024).
+            Self::SkinsamTiny => SamConfig {
+                img_size: 256,
+                encoder_embed_dim: 192,
+                encoder_depth: 6,
+                encoder_num_heads: 3,
+                encoder_global_attn_indexes: &[0, 1, 2, 3, 4, 5],
+                decoder_mlp_dim: 1024,
+                ..COMMON
+            },
         }
     }
 
@@ -114,6 +129,7 @@ impl SamVariant {
             Self::VitL => "vit_l",
             Self::VitH => "vit_h",
             Self::Tiny => "tiny",
+            Self::SkinsamTiny => "skinsam_tiny",
         }
     }
 }
@@ -130,6 +146,6 @@ impl FromStr for SamVariant {
         Self::ALL
             .into_iter()
             .find(|v| v.name() == s)
-            .ok_or_else(|| format!("unknown SAM variant {s:?} (expected one of vit_b, vit_l, vit_h, tiny)"))
+            .ok_or_else(|| format!("unknown SAM variant {s:?} (expected one of vit_b, vit_l, vit_h, tiny, skinsam_tiny)"))
     }
 }

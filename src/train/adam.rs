@@ -22,6 +22,7 @@ struct Param {
 pub struct Adam {
     params: Vec<Param>,
     pub step: i64,
+    weight_decay: f64,
 }
 
 impl Adam {
@@ -36,7 +37,7 @@ impl Adam {
                 Param { m: var.zeros_like().detach(), v: var.zeros_like().detach(), name, var, lr }
             })
             .collect();
-        Self { params, step: 0 }
+        Self { params, step: 0, weight_decay: r.weight_decay }
     }
 
     pub fn zero_grad(&mut self) {
@@ -48,7 +49,9 @@ impl Adam {
         }
     }
 
-    pub fn step(&mut self) {
+    /// One update with the learning rates scaled by `lr_factor` (the schedule); weight decay is
+    /// decoupled from the gradient as in AdamW.
+    pub fn step(&mut self, lr_factor: f64) {
         self.step += 1;
         let t = self.step as i32;
         let (c1, c2) = (1.0 - BETA1.powi(t), 1.0 - BETA2.powi(t));
@@ -60,7 +63,11 @@ impl Adam {
                 }
                 let _ = p.m.g_mul_scalar_(BETA1).g_add_(&(&g * (1.0 - BETA1)));
                 let _ = p.v.g_mul_scalar_(BETA2).g_add_(&(&g * &g * (1.0 - BETA2)));
-                let update = (&p.m / c1) / ((&p.v / c2).sqrt() + EPS) * p.lr;
+                let lr = p.lr * lr_factor;
+                if self.weight_decay > 0.0 {
+                    let _ = p.var.g_mul_scalar_(1.0 - lr * self.weight_decay);
+                }
+                let update = (&p.m / c1) / ((&p.v / c2).sqrt() + EPS) * lr;
                 let _ = p.var.g_sub_(&update);
             }
         });

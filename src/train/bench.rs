@@ -59,7 +59,7 @@ pub fn time_steps(variant: SamVariant, batch: usize, steps: usize, device: Devic
         loss.backward();
         parts[1] += t.elapsed().as_secs_f64();
         let t = Instant::now();
-        adam.step();
+        adam.step(1.0);
         parts[2] += t.elapsed().as_secs_f64();
         parts
     };

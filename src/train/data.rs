@@ -146,6 +146,23 @@ pub fn set_trainable(sam: &mut Sam, r: &Recipe) {
     }
 }
 
+/// The prompt kind of a training step: `mode`, or one drawn from the recipe's mix (seeded by
+/// epoch and step, so a resumed run draws the same).
+pub fn step_mode(r: &Recipe, epoch: usize, step: usize) -> PromptMode {
+    if r.prompt_mix.is_empty() {
+        return r.mode;
+    }
+    let total: f64 = r.prompt_mix.iter().map(|(_, w)| w).sum();
+    let mut x = image_rng(mix(r.prompt_seed, epoch), &format!("mode/{step}")).random_range(0.0..total);
+    for (m, w) in &r.prompt_mix {
+        if x < *w {
+            return *m;
+        }
+        x -= w;
+    }
+    r.prompt_mix.last().map_or(r.mode, |(m, _)| *m)
+}
+
 /// The order of the training samples in an epoch (seeded).
 pub fn epoch_order(n: usize, r: &Recipe, epoch: usize) -> Vec<usize> {
     let mut v: Vec<usize> = (0..n).collect();
@@ -203,7 +220,9 @@ pub fn prepare(s: &Sample, r: &Recipe, epoch: usize, sam: &Sam) -> Result<Prepar
         Some(img) => (Some(img.clone()), s.truth.clone()),
         None => (None, s.truth.clone()),
     };
-    let prompt = simulate(&truth, r.mode, &r.params, seed, &s.id);
+    // With a mix of kinds, training samples get box and point; each step keeps what its kind uses.
+    let sim_mode = if r.prompt_mix.is_empty() || epoch == VALIDATION_EPOCH { r.mode } else { PromptMode::BoxPoint };
+    let prompt = simulate(&truth, sim_mode, &r.params, seed, &s.id);
     let size = sam.config.img_size;
     let (h, w) = (i64::from(truth.height), i64::from(truth.width));
     let input_size = preprocess_shape(h, w, size);

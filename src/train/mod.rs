@@ -11,6 +11,7 @@
 pub mod adam;
 pub mod bench;
 pub mod client;
+pub mod curve;
 pub mod data;
 
 use crate::eval::dataset::Dataset;
@@ -50,6 +51,42 @@ pub struct Recipe {
     pub max_train_images: usize,
     pub max_val_images: usize,
     pub progress_every: usize,
+    /// Prompt kinds drawn per step with these weights; empty = always `mode`.
+    #[serde(default)]
+    pub prompt_mix: Vec<(PromptMode, f64)>,
+    #[serde(default)]
+    pub lr_schedule: LrSchedule,
+    #[serde(default)]
+    pub warmup_steps: usize,
+    /// Decoupled (AdamW) weight decay.
+    #[serde(default)]
+    pub weight_decay: f64,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum LrSchedule {
+    #[default]
+    Constant,
+    /// Cosine decay to zero at the last planned step.
+    Cosine,
+}
+
+impl LrSchedule {
+    /// The factor on the learning rates at optimiser step `step` (1-based) of `total`.
+    pub fn factor(self, step: usize, warmup: usize, total: usize) -> f64 {
+        if step <= warmup && warmup > 0 {
+            return step as f64 / warmup as f64;
+        }
+        match self {
+            Self::Constant => 1.0,
+            Self::Cosine => {
+                let span = total.saturating_sub(warmup).max(1) as f64;
+                let t = ((step - warmup) as f64 / span).min(1.0);
+                0.5 * (1.0 + (std::f64::consts::PI * t).cos())
+            }
+        }
+    }
 }
 
 impl Default for Recipe {
@@ -75,6 +112,10 @@ impl Default for Recipe {
             max_train_images: 0,
             max_val_images: 0,
             progress_every: 0,
+            prompt_mix: Vec::new(),
+            lr_schedule: LrSchedule::Constant,
+            warmup_steps: 0,
+            weight_decay: 0.0,
         }
     }
 }
@@ -97,6 +138,12 @@ impl Recipe {
         }
         if self.augment && !self.train_image_encoder {
             return Err(invalid("recipe.augment", "augmentation needs train_image_encoder (precomputed embeddings cannot be augmented)"));
+        }
+        if self.prompt_mix.iter().any(|(_, w)| !(w.is_finite() && *w >= 0.0)) || (!self.prompt_mix.is_empty() && self.prompt_mix.iter().all(|(_, w)| *w == 0.0)) {
+            return Err(invalid("recipe.prompt_mix", "weights must be finite, >= 0 and not all 0"));
+        }
+        if !(self.weight_decay.is_finite() && (0.0..1.0).contains(&self.weight_decay)) {
+            return Err(invalid("recipe.weight_decay", format!("{} is not in [0, 1)", self.weight_decay)));
         }
         if !(self.min_delta.is_finite() && self.min_delta >= 0.0) {
             return Err(invalid("recipe.min_delta", "must be >= 0"));
@@ -305,10 +352,13 @@ pub fn run(job: &Job, mut emit: impl FnMut(Event) -> bool, cancelled_now: impl F
         let t = Instant::now();
         let order = data::epoch_order(train.len(), r, epoch);
         let steps = order.len().div_ceil(r.batch_size);
+        let total_steps = steps * r.epochs;
         let (mut sum, mut sum_dice, mut sum_bce, mut n) = (0.0, 0.0, 0.0, 0usize);
         for (step, idx) in order.chunks(r.batch_size).enumerate() {
             let batch: Vec<&Sample> = idx.iter().map(|&i| &train[i]).collect();
-            let (loss, d, b) = train_step(&sam, &mut adam, &batch, r, epoch)?;
+            let mode = data::step_mode(r, epoch, step);
+            let factor = r.lr_schedule.factor(adam.step as usize + 1, r.warmup_steps, total_steps);
+            let (loss, d, b) = train_step(&sam, &mut adam, &batch, r, epoch, mode, factor)?;
             sum += loss * batch.len() as f64;
             sum_dice += d * batch.len() as f64;
             sum_bce += b * batch.len() as f64;
@@ -338,7 +388,7 @@ pub fn run(job: &Job, mut emit: impl FnMut(Event) -> bool, cancelled_now: impl F
             val: val_all,
             val_by_label: by_label,
             seconds: t.elapsed().as_secs_f64(),
-            learning_rate: r.learning_rate,
+            learning_rate: r.learning_rate * r.lr_schedule.factor(adam.step as usize, r.warmup_steps, total_steps),
             best: improved,
         };
         history.push(rec.clone());
@@ -346,6 +396,15 @@ pub fn run(job: &Job, mut emit: impl FnMut(Event) -> bool, cancelled_now: impl F
         checkpoint::save_safetensors(&sam.vs, &checkpoint_path(&job.dir, LAST))?;
         adam.save(&optimizer_path(&job.dir))?;
         write_json_atomic(&sidecar_path(&job.dir, LAST), &sidecar(epoch, &history, best_epoch, best, stale, adam.step))?;
+        // The curve is a convenience: a plotting failure is logged, never fatal to the run.
+        match curve::curve_png(&history) {
+            Ok(png) => {
+                if let Err(e) = crate::eval::report::write_atomic(&job.dir.join("curve.png"), &png) {
+                    tracing::warn!(error = %e, "writing the training curve");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "plotting the training curve"),
+        }
         if improved {
             checkpoint::save_safetensors(&sam.vs, &checkpoint_path(&job.dir, BEST))?;
             write_json_atomic(&sidecar_path(&job.dir, BEST), &sidecar(epoch, &history, best_epoch, best, stale, adam.step))?;
@@ -378,9 +437,9 @@ fn cancelled(job: &Job, best_epoch: usize, best: f64) -> Finished {
 }
 
 /// One optimisation step on a batch; returns (loss, dice part, bce part).
-fn train_step(sam: &Sam, adam: &mut Adam, batch: &[&Sample], r: &Recipe, epoch: usize) -> Result<(f64, f64, f64)> {
+fn train_step(sam: &Sam, adam: &mut Adam, batch: &[&Sample], r: &Recipe, epoch: usize, mode: PromptMode, lr_factor: f64) -> Result<(f64, f64, f64)> {
     let prepared: Vec<data::Prepared> = batch.iter().map(|s| data::prepare(s, r, epoch, sam)).collect::<Result<_>>()?;
-    let low = decode_batch(sam, &prepared, r.mode);
+    let low = decode_batch(sam, &prepared, mode);
     let (dice, bce) = if r.loss_full_size {
         let mut d = Vec::new();
         let mut b = Vec::new();
@@ -405,7 +464,7 @@ fn train_step(sam: &Sam, adam: &mut Adam, batch: &[&Sample], r: &Recipe, epoch: 
     }
     adam.zero_grad();
     loss.backward();
-    adam.step();
+    adam.step(lr_factor);
     Ok((value, dice.double_value(&[]), bce.double_value(&[])))
 }
 
@@ -447,4 +506,34 @@ fn validate(sam: &Sam, val: &[Sample], r: &Recipe) -> (LabelScores, BTreeMap<Str
     let summary = Summary::of(rows.iter().map(|(l, s)| (l.as_deref(), *s)));
     let conv = |g: &crate::eval::scores::GroupSummary| LabelScores { dice: g.dice.mean, iou: g.iou.mean, accuracy: g.accuracy.mean, n: g.n };
     (conv(&summary.overall), summary.by_label.iter().map(|(k, v)| (k.clone(), conv(v))).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_warms_up_then_follows_a_cosine_to_zero() {
+        let c = LrSchedule::Cosine;
+        assert!((c.factor(5, 10, 110) - 0.5).abs() < 1e-12);
+        assert!((c.factor(10, 10, 110) - 1.0).abs() < 1e-12);
+        assert!((c.factor(60, 10, 110) - 0.5).abs() < 1e-12);
+        assert!(c.factor(110, 10, 110).abs() < 1e-12);
+        assert!(c.factor(500, 10, 110).abs() < 1e-12, "stays at zero past the end");
+        assert_eq!(LrSchedule::Constant.factor(60, 10, 110), 1.0);
+        assert!((LrSchedule::Constant.factor(1, 4, 110) - 0.25).abs() < 1e-12);
+    }
+
+    #[test]
+    fn prompt_kinds_follow_the_mix_and_are_reproducible() {
+        let r = Recipe { prompt_mix: vec![(PromptMode::BoxPoint, 0.6), (PromptMode::None, 0.4), (PromptMode::Point, 0.0)], ..Recipe::default() };
+        let draws: Vec<PromptMode> = (0..2000).map(|s| data::step_mode(&r, 3, s)).collect();
+        let again: Vec<PromptMode> = (0..2000).map(|s| data::step_mode(&r, 3, s)).collect();
+        assert_eq!(draws, again);
+        let none = draws.iter().filter(|m| **m == PromptMode::None).count() as f64 / 2000.0;
+        assert!((none - 0.4).abs() < 0.04, "{none}");
+        assert!(!draws.contains(&PromptMode::Point), "a zero weight is never drawn");
+        assert_ne!(draws, (0..2000).map(|s| data::step_mode(&r, 4, s)).collect::<Vec<_>>(), "another epoch, other draws");
+        assert!(Recipe::default().prompt_mix.is_empty() && data::step_mode(&Recipe::default(), 1, 0) == PromptMode::BoxPoint);
+    }
 }

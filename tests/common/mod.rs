@@ -16,6 +16,20 @@ pub fn tiny_checkpoint() -> PathBuf {
     fixtures().join("golden/sam_tiny.pth")
 }
 
+/// The built-in defaults with the trained default model swapped for the tiny random-weight one,
+/// so that server tests stay fast and their numbers come from the golden fixtures.
+pub fn tiny_settings() -> Settings {
+    let mut s = Settings::defaults();
+    s.models = vec![skinsam::settings::ModelSettings {
+        id: "tiny-random".into(),
+        variant: SamVariant::Tiny,
+        checkpoint: Some(tiny_checkpoint()),
+        device: None,
+        precision: skinsam::model::Precision::Fp32,
+    }];
+    s
+}
+
 pub fn tiny_predictor() -> Predictor {
     let (sam, _) = Sam::load(SamVariant::Tiny, &tiny_checkpoint(), tch::Device::Cpu).expect("tiny checkpoint loads");
     Predictor::new(sam)
