@@ -53,6 +53,15 @@ def main():
             predictor.set_image(image)
             sync()
             embed.append(time.perf_counter() - t)
+        # The image encoder alone on the pre-processed image, as SamPredictor.set_torch_image feeds it.
+        x = torch.as_tensor(predictor.transform.apply_image(image), device=args.device).permute(2, 0, 1).contiguous()[None]
+        x = sam.preprocess(x)
+        encoder = []
+        for _ in range(args.embed_repeat):
+            t = time.perf_counter()
+            sam.image_encoder(x)
+            sync()
+            encoder.append(time.perf_counter() - t)
         predictor.predict(point_coords=point, point_labels=np.array([1]), box=box, multimask_output=True)
         pred = []
         for _ in range(args.predict_repeat):
@@ -65,6 +74,7 @@ def main():
         "precision": "fp32",
         "threads": torch.get_num_threads(),
         "embed_ms": 1e3 * statistics.median(embed),
+        "encoder_ms": 1e3 * statistics.median(encoder),
         "predict_ms": 1e3 * statistics.median(pred),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         # Device-wide, like skinsam's: the same cudaMemGetInfo reading.

@@ -17,6 +17,8 @@ pub struct TimingReport {
     pub threads: i32,
     pub load_s: f64,
     pub embed_ms: f64,
+    /// The image encoder alone on the pre-processed image (no resize, normalisation or padding).
+    pub encoder_ms: f64,
     pub predict_ms: f64,
     pub peak_rss_mb: f64,
     /// Device-wide CUDA memory in use after the runs (cudaMemGetInfo), on CUDA only.
@@ -59,7 +61,7 @@ pub struct TimingArgs<'a> {
     pub predict_repeat: usize,
 }
 
-/// Times set_image and one box + point multimask predict (post-processing included), as
+/// Times set_image, the image encoder alone, and one box + point multimask predict (post-processing included), as
 /// scripts/bench_official.py does for the official package.
 pub fn time_predictor(a: TimingArgs) -> Result<TimingReport> {
     let bytes = std::fs::read(a.image).map_err(|e| Error::Internal(format!("{}: {e}", a.image.display())))?;
@@ -80,6 +82,16 @@ pub fn time_predictor(a: TimingArgs) -> Result<TimingReport> {
         sync();
         embed.push(t.elapsed().as_secs_f64() * 1e3);
     }
+    let x = p.sam.preprocess(&p.image_tensor(&img)?);
+    let mut encoder = Vec::new();
+    tch::no_grad(|| {
+        for _ in 0..a.embed_repeat.max(1) {
+            let t = Instant::now();
+            let _f = p.sam.embed(&x);
+            sync();
+            encoder.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+    });
     let emb = p.set_image(&img)?;
     p.predict(&emb, std::slice::from_ref(&a.prompt), true)?;
     let mut pred = Vec::new();
@@ -96,6 +108,7 @@ pub fn time_predictor(a: TimingArgs) -> Result<TimingReport> {
         threads: tch::get_num_threads(),
         load_s,
         embed_ms: median(embed),
+        encoder_ms: median(encoder),
         predict_ms: median(pred),
         peak_rss_mb: peak_rss_mb(),
         gpu_used_mb: match a.device {

@@ -120,10 +120,11 @@ pub async fn segment_load(url: &str, model: &str, image: Vec<u8>, prompt: &Promp
     Ok(report("grpc_segment", model, concurrency, prompts, lat, errors, start.elapsed()))
 }
 
-/// Embeds `images` (distinct) from `concurrency` concurrent clients: micro-batching shows as
-/// the images/s gained over `concurrency` = 1. With `segment`, each image is sent in a Segment
-/// request with that prompt instead (one mask, PNG): the whole call for a new image.
-pub async fn embed_load(url: &str, model: &str, images: Vec<Vec<u8>>, concurrency: usize, segment: Option<&Prompt>) -> Result<LatencyReport> {
+/// Sends `images` (distinct, so new to the server's embedding cache) from `concurrency`
+/// concurrent clients, each in an Embed request (micro-batching shows as the images/s gained
+/// over `concurrency` = 1) or, with `segment`, in a Segment request with that prompt (one mask,
+/// PNG): the whole call for a new image.
+pub async fn new_image_load(url: &str, model: &str, images: Vec<Vec<u8>>, concurrency: usize, segment: Option<&Prompt>) -> Result<LatencyReport> {
     let ch = connect(url).await?;
     let client = pb::embedding_service_client::EmbeddingServiceClient::new(ch.clone());
     let seg_client = pb::segmentation_service_client::SegmentationServiceClient::new(ch).max_decoding_message_size(64 << 20);

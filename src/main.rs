@@ -351,6 +351,9 @@ struct TrainCli {
     /// AdamW's decoupled weight decay (0 = Adam).
     #[arg(long, default_value_t = 0.0)]
     weight_decay: f64,
+    /// Also train the three multimask outputs (best of three per sample) and the IoU head.
+    #[arg(long)]
+    multimask: bool,
     #[arg(long)]
     quiet: bool,
 }
@@ -407,12 +410,10 @@ impl TrainCli {
                     .flat_map(|m| &m.0)
                     .map(|&(m, weight)| pb::PromptKindWeight { mode: skinsam::grpc::evaluation::mode_to_pb(m) as i32, weight })
                     .collect(),
-                lr_schedule: match self.lr_schedule {
-                    skinsam::train::LrSchedule::Constant => pb::LrSchedule::Constant,
-                    skinsam::train::LrSchedule::Cosine => pb::LrSchedule::Cosine,
-                } as i32,
+                lr_schedule: skinsam::grpc::training::lr_schedule_to_pb(self.lr_schedule) as i32,
                 warmup_steps: self.warmup_steps,
                 weight_decay: self.weight_decay,
+                multimask: self.multimask,
             }),
         }
     }
@@ -601,12 +602,12 @@ fn main() -> anyhow::Result<()> {
                                 img.write_to(&mut out, image::ImageFormat::Png).map(|_| out.into_inner())
                             })
                             .collect::<Result<Vec<_>, _>>()?;
-                        let r = skinsam::loadgen::embed_load(&client.server, &model, images.clone(), c, None).await?;
+                        let r = skinsam::loadgen::new_image_load(&client.server, &model, images.clone(), c, None).await?;
                         println!("{}", serde_json::to_string(&r)?);
                         if segment_new_images {
                             // Other pixels again, so that these images are new to the cache too.
                             let fresh: Vec<Vec<u8>> = images.iter().map(|b| { let mut v = b.clone(); v.push(0); v }).collect();
-                            let r = skinsam::loadgen::embed_load(&client.server, &model, fresh, c, Some(&prompt)).await?;
+                            let r = skinsam::loadgen::new_image_load(&client.server, &model, fresh, c, Some(&prompt)).await?;
                             println!("{}", serde_json::to_string(&r)?);
                         }
                     }

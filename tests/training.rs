@@ -1,6 +1,7 @@
 //! TrainingService in-process with the tiny model on 40 shipped HAM10000 images: validation Dice
 //! improves, the best checkpoint is served and reloads to the same outputs, a resumed run equals
-//! an uninterrupted one, one run per device, and bad requests.
+//! an uninterrupted one, the multimask outputs and the IoU head train only when asked, one run
+//! per device, and bad requests.
 
 mod common;
 use common::{channel, start, tiny_settings, TestServer};
@@ -78,6 +79,18 @@ async fn wait_idle(s: &TestServer, c: &mut TrainingServiceClient<tonic::transpor
     panic!("run {run_id} still running: {:?}", s.registry.list().len());
 }
 
+/// Waits until the model a finished run registered is loaded (its worker owns libtorch state: a
+/// test that ended with it still loading would tear libtorch down under it).
+async fn wait_ready(s: &TestServer, model_id: &str) {
+    for _ in 0..200 {
+        if s.registry.get(model_id).map(|m| m.state == skinsam::engine::ModelState::Ready).unwrap_or(false) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("model {model_id} did not become ready");
+}
+
 #[tokio::test]
 async fn training_improves_validation_dice_and_the_best_checkpoint_is_served() {
     let tmp = tempfile::tempdir().unwrap();
@@ -102,12 +115,7 @@ async fn training_improves_validation_dice_and_the_best_checkpoint_is_served() {
     assert!(side["split"]["grouped_by_lesion"].as_bool().unwrap());
 
     // Served side by side with its base, and the checkpoint reloads to the same outputs.
-    for _ in 0..200 {
-        if s.registry.get(&f.model_id).map(|m| m.state == skinsam::engine::ModelState::Ready).unwrap_or(false) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_ready(&s, &f.model_id).await;
     let img = std::fs::read(common::fixtures().join("ham_train/images").read_dir().unwrap().next().unwrap().unwrap().path()).unwrap();
     let prompt = pb::Prompt { r#box: Some(pb::Box { x0: 40.0, y0: 30.0, x1: 160.0, y1: 120.0 }), ..Default::default() };
     let mut seg = SegmentationServiceClient::new(channel(&s).await);
@@ -182,6 +190,38 @@ async fn a_resumed_run_equals_an_uninterrupted_one() {
     let wa = std::fs::read(tmp.path().join("runs/whole/last.safetensors")).unwrap();
     let wb = std::fs::read(tmp.path().join("runs/parts/last.safetensors")).unwrap();
     assert!(wa == wb, "the same final weights");
+}
+
+#[tokio::test]
+async fn multimask_training_teaches_the_three_outputs_and_the_iou_head() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = start(settings(tmp.path()), true).await;
+    let mut req = request("mm", 5);
+    req.recipe.as_mut().unwrap().multimask = true;
+    let r = run(&s, req, None).await.unwrap();
+    let first = &r.epochs[0];
+    assert!(first.val_multimask.is_some(), "epoch 0 validates the multimask outputs too");
+    for e in &r.epochs[1..] {
+        assert!(e.train_multimask_loss > 0.0 && e.train_iou_loss > 0.0, "{e:?}");
+        let parts = e.train_dice_loss + e.train_bce_loss + e.train_multimask_loss + e.train_iou_loss;
+        assert!((parts - e.train_loss).abs() < 1e-5, "the loss is the unweighted sum of its parts: {e:?}");
+    }
+    let last = r.epochs.last().unwrap();
+    let (m0, m1) = (first.val_multimask.unwrap().dice, last.val_multimask.unwrap().dice);
+    assert!(m1 > m0 + 0.05, "the multimask outputs learn: {m0} -> {m1}");
+    // Without the option the multimask parts stay out of the loss and the report.
+    let plain = run(&s, request("plain", 2), None).await.unwrap();
+    wait_ready(&s, "tiny-random-ft-mm").await;
+    wait_ready(&s, "tiny-random-ft-plain").await;
+    assert!(plain.epochs.iter().all(|e| e.val_multimask.is_none() && e.train_multimask_loss == 0.0 && e.train_iou_loss == 0.0));
+    // The IoU head and the multimask tokens' hypernetworks train with the option, and only with it.
+    let weights = |path: &Path| skinsam::model::Sam::load(skinsam::model::SamVariant::Tiny, path, tch::Device::Cpu).unwrap().0.vs.variables();
+    let base = weights(&common::tiny_checkpoint());
+    let (mm, plain) = (weights(&tmp.path().join("runs/mm/last.safetensors")), weights(&tmp.path().join("runs/plain/last.safetensors")));
+    for key in ["mask_decoder.iou_prediction_head.layers.0.weight", "mask_decoder.output_hypernetworks_mlps.2.layers.0.weight"] {
+        assert!(!base[key].equal(&mm[key]), "{key} trains with multimask");
+        assert!(base[key].equal(&plain[key]), "{key} stays as it was without multimask");
+    }
 }
 
 #[tokio::test]

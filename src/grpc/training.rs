@@ -68,19 +68,31 @@ pub fn recipe_from_pb(r: &pb::TrainRecipe) -> Result<Recipe> {
             .iter()
             .map(|k| Ok((mode_from_pb(k.mode).map_err(|_| invalid("recipe.prompt_mix.mode", format!("unknown prompt mode {}", k.mode)))?, k.weight)))
             .collect::<Result<_>>()?,
-        lr_schedule: match pb::LrSchedule::try_from(r.lr_schedule) {
-            Ok(pb::LrSchedule::Unspecified | pb::LrSchedule::Constant) => LrSchedule::Constant,
-            Ok(pb::LrSchedule::Cosine) => LrSchedule::Cosine,
-            Err(_) => return Err(invalid("recipe.lr_schedule", format!("unknown schedule {}", r.lr_schedule))),
-        },
+        lr_schedule: lr_schedule_from_pb(r.lr_schedule)?,
         warmup_steps: r.warmup_steps as usize,
         weight_decay: r.weight_decay,
+        multimask: r.multimask,
     };
     recipe.validate()?;
     if !(0.0..1.0).contains(&recipe.params.max_scale) || recipe.params.margin < 0.0 || recipe.params.max_shift < 0.0 {
         return Err(invalid("recipe.prompts", "margin and max_shift must be >= 0, max_scale in [0, 1)"));
     }
     Ok(recipe)
+}
+
+pub fn lr_schedule_to_pb(s: LrSchedule) -> pb::LrSchedule {
+    match s {
+        LrSchedule::Constant => pb::LrSchedule::Constant,
+        LrSchedule::Cosine => pb::LrSchedule::Cosine,
+    }
+}
+
+pub fn lr_schedule_from_pb(v: i32) -> Result<LrSchedule> {
+    match pb::LrSchedule::try_from(v) {
+        Ok(pb::LrSchedule::Unspecified | pb::LrSchedule::Constant) => Ok(LrSchedule::Constant),
+        Ok(pb::LrSchedule::Cosine) => Ok(LrSchedule::Cosine),
+        Err(_) => Err(invalid("recipe.lr_schedule", format!("unknown schedule {v}"))),
+    }
 }
 
 fn scores(s: &LabelScores) -> pb::LabelScores {
@@ -93,8 +105,11 @@ pub fn epoch_to_pb(e: &EpochRecord) -> pb::EpochResult {
         train_loss: e.train_loss,
         train_dice_loss: e.train_dice_loss,
         train_bce_loss: e.train_bce_loss,
+        train_multimask_loss: e.train_multimask_loss,
+        train_iou_loss: e.train_iou_loss,
         val: Some(scores(&e.val)),
         val_by_label: e.val_by_label.iter().map(|(k, v)| (k.clone(), scores(v))).collect(),
+        val_multimask: e.val_multimask.as_ref().map(scores),
         seconds: e.seconds,
         learning_rate: e.learning_rate,
         best: e.best,

@@ -53,19 +53,9 @@ impl MaskDecoder {
         }
     }
 
-    /// Returns (low-res mask logits (B, K, 256, 256), IoU predictions (B, K)) with K = 3 for
-    /// multimask output (tokens 1..3) and K = 1 otherwise (token 0).
-    ///
-    /// `image_embeddings` is (1, C, H, W), shared by all B prompts, or (B, C, H, W), one per prompt.
-    pub fn forward(
-        &self,
-        image_embeddings: &Tensor,
-        image_pe: &Tensor,
-        sparse: &Tensor,
-        dense: &Tensor,
-        multimask_output: bool,
-    ) -> (Tensor, Tensor) {
-        let (masks, iou) = self.predict_masks(image_embeddings, image_pe, sparse, dense);
+    /// The outputs a caller asked for out of all of `predict_masks`'s: tokens 1..3 (multimask) or
+    /// token 0 (single mask).
+    pub fn select_outputs(&self, masks: &Tensor, iou: &Tensor, multimask_output: bool) -> (Tensor, Tensor) {
         if multimask_output {
             (masks.narrow(1, 1, self.num_mask_tokens - 1), iou.narrow(1, 1, self.num_mask_tokens - 1))
         } else {
@@ -73,6 +63,8 @@ impl MaskDecoder {
         }
     }
 
+    /// All outputs: low-res mask logits (B, 4, 256, 256) and IoU predictions (B, 4), token 0 first.
+    /// `image_embeddings` is (1, C, H, W), shared by all B prompts, or (B, C, H, W), one per prompt.
     pub fn predict_masks(&self, image_embeddings: &Tensor, image_pe: &Tensor, sparse: &Tensor, dense: &Tensor) -> (Tensor, Tensor) {
         let bsz = sparse.size()[0];
         let output_tokens = Tensor::cat(&[&self.iou_token, &self.mask_tokens], 0);

@@ -127,6 +127,13 @@ impl Sam {
     /// Low-res logits (B, K, 256, 256) and IoU predictions (B, K) for a batch of prompts on
     /// one image embedding (1, C, 64, 64), or one embedding per prompt (B, C, 64, 64).
     pub fn decode(&self, embedding: &Tensor, prompts: &PromptBatch, multimask_output: bool) -> (Tensor, Tensor) {
+        let (masks, iou) = self.decode_all(embedding, prompts);
+        self.mask_decoder.select_outputs(&masks, &iou, multimask_output)
+    }
+
+    /// Every output of the decoder, (B, 4, 256, 256) logits and (B, 4) IoU predictions: token 0
+    /// (the single-mask output) then the three multimask ones. Training uses all of them.
+    pub fn decode_all(&self, embedding: &Tensor, prompts: &PromptBatch) -> (Tensor, Tensor) {
         let (mut sparse, mut dense) = self.prompt_encoder.forward(prompts);
         let n = embedding.size()[0];
         if n > 1 && prompts.points.is_none() && prompts.boxes.is_none() && prompts.masks.is_none() {
@@ -135,7 +142,7 @@ impl Sam {
             dense = dense.expand([n, -1, -1, -1], false);
         }
         let pe = self.prompt_encoder.get_dense_pe();
-        self.mask_decoder.forward(embedding, &pe, &sparse, &dense, multimask_output)
+        self.mask_decoder.predict_masks(embedding, &pe, &sparse, &dense)
     }
 
     /// Official post-processing: logits -> img_size square -> crop the un-padded part -> original size.

@@ -25,8 +25,12 @@ pub fn train(conn: &Conn, req: pb::TrainRequest, quiet: bool) -> Result<pb::Trai
                 Some(pb::train_event::Event::Epoch(e)) => {
                     let v = e.val.unwrap_or_default();
                     let per: Vec<String> = e.val_by_label.iter().map(|(k, s)| format!("{k} {:.3}", s.dice)).collect();
+                    let (multi_loss, multi_val) = match &e.val_multimask {
+                        Some(m) => (format!(" + multimask {:.4} + iou {:.4}", e.train_multimask_loss, e.train_iou_loss), format!("  multimask Dice {:.4}", m.dice)),
+                        None => (String::new(), String::new()),
+                    };
                     say(&bar, format!(
-                        "epoch {:>3}  loss {:.4} (dice {:.4} + bce {:.4})  val Dice {:.4} IoU {:.4} acc {:.4}  [{}]  {:.0} s{}",
+                        "epoch {:>3}  loss {:.4} (dice {:.4} + bce {:.4}{multi_loss})  val Dice {:.4} IoU {:.4} acc {:.4}{multi_val}  [{}]  {:.0} s{}",
                         e.epoch,
                         e.train_loss,
                         e.train_dice_loss,

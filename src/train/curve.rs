@@ -1,5 +1,6 @@
 //! The training curve of a run (`curve.png` next to its checkpoints): validation Dice per epoch,
-//! overall and per lesion type, and the training loss.
+//! overall and per lesion type (and, when the multimask outputs train, overall for the output the
+//! predicted IoU ranks first), and the training loss.
 
 use super::EpochRecord;
 use crate::eval::report::{png, register_font, COLORS};
@@ -16,7 +17,11 @@ pub fn curve_png(history: &[EpochRecord]) -> Result<Vec<u8>> {
     // Dice axis: from just under the lowest trained-epoch score (epoch 0, the untrained start,
     // would flatten the rest) to 1.
     let trained: Vec<&EpochRecord> = history.iter().filter(|e| e.epoch > 0).collect();
-    let lowest = trained.iter().flat_map(|e| std::iter::once(e.val.dice).chain(e.val_by_label.values().map(|s| s.dice))).fold(1.0f64, f64::min);
+    let lowest = trained
+        .iter()
+        .flat_map(|e| std::iter::once(e.val.dice).chain(e.val_multimask.as_ref().map(|m| m.dice)).chain(e.val_by_label.values().map(|s| s.dice)))
+        .fold(1.0f64, f64::min);
+    let multimask: Vec<(f64, f64)> = trained.iter().filter_map(|e| e.val_multimask.as_ref().map(|m| (e.epoch as f64, m.dice))).collect();
     let y0 = ((lowest - 0.02) * 20.0).floor() / 20.0;
     let mut buf = vec![255u8; (w * h * 3) as usize];
     {
@@ -47,6 +52,14 @@ pub fn curve_png(history: &[EpochRecord]) -> Result<Vec<u8>> {
             .label("overall")
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], BLACK.stroke_width(3)));
         chart.draw_series(overall.iter().map(|&p| Circle::new(p, 4, BLACK.filled()))).map_err(|e| anyhow!("{e:?}"))?;
+        if !multimask.is_empty() {
+            let style = BLACK.mix(0.6).stroke_width(2);
+            chart
+                .draw_series(DashedLineSeries::new(multimask, 8, 5, style))
+                .map_err(|e| anyhow!("{e:?}"))?
+                .label("overall, multimask")
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], style));
+        }
         chart
             .configure_series_labels()
             .position(SeriesLabelPosition::LowerRight)
@@ -59,7 +72,10 @@ pub fn curve_png(history: &[EpochRecord]) -> Result<Vec<u8>> {
         let losses: Vec<(f64, f64)> = trained.iter().map(|e| (e.epoch as f64, e.train_loss)).collect();
         let ymax = losses.iter().map(|p| p.1).fold(0.0f64, f64::max).max(1e-3) * 1.1;
         let mut chart = ChartBuilder::on(&right)
-            .caption("training loss (Dice + BCE)", ("sans-serif", 18))
+            .caption(
+                if trained.iter().any(|e| e.train_multimask_loss > 0.0) { "training loss (Dice + BCE, + multimask + IoU)" } else { "training loss (Dice + BCE)" },
+                ("sans-serif", 18),
+            )
             .margin(12)
             .x_label_area_size(32)
             .y_label_area_size(48)

@@ -2,7 +2,8 @@
 //! encoder (persisted in the embedding store when one is configured), the mask decoder trained
 //! with Dice + binary cross-entropy (unweighted) on the single-mask output, Adam, a split by
 //! lesion, early stopping on validation Dice. Optionally the prompt encoder, or the image encoder
-//! too (full training, with augmentation and its own learning rate).
+//! too (full training, with augmentation and its own learning rate), and the three multimask
+//! outputs with the IoU head (SAM's best-of-three loss and IoU MSE).
 //!
 //! Deterministic: the split, the batch order, the prompts and the augmentation come from seeded
 //! ChaCha streams, and Adam's state is checkpointed with the weights, so a run resumed from its
@@ -61,6 +62,10 @@ pub struct Recipe {
     /// Decoupled (AdamW) weight decay.
     #[serde(default)]
     pub weight_decay: f64,
+    /// Also train the three multimask outputs (SAM's loss: only the best of the three counts per
+    /// sample) and the IoU head (MSE against each output's actual IoU), not only the single mask.
+    #[serde(default)]
+    pub multimask: bool,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -116,6 +121,7 @@ impl Default for Recipe {
             lr_schedule: LrSchedule::Constant,
             warmup_steps: 0,
             weight_decay: 0.0,
+            multimask: false,
         }
     }
 }
@@ -188,8 +194,17 @@ pub struct EpochRecord {
     pub train_loss: f64,
     pub train_dice_loss: f64,
     pub train_bce_loss: f64,
+    /// With `multimask`: the best-of-three loss of the multimask outputs and the IoU head's MSE.
+    #[serde(default)]
+    pub train_multimask_loss: f64,
+    #[serde(default)]
+    pub train_iou_loss: f64,
     pub val: LabelScores,
     pub val_by_label: BTreeMap<String, LabelScores>,
+    /// With `multimask`: validation of the multimask output the predicted IoU ranks first (the
+    /// paper's protocol), same prompts.
+    #[serde(default)]
+    pub val_multimask: Option<LabelScores>,
     pub seconds: f64,
     pub learning_rate: f64,
     pub best: bool,
@@ -273,14 +288,31 @@ fn write_json_atomic(path: &Path, v: &impl Serialize) -> Result<()> {
 /// Dice loss (1 - soft Dice per sample, averaged) and BCE (mean over pixels) of logits against
 /// 0/1 targets of the same shape (B, 1, H, W).
 pub fn dice_bce(logits: &Tensor, target: &Tensor) -> (Tensor, Tensor) {
-    let p = logits.sigmoid().flatten(1, -1);
-    let t = target.flatten(1, -1);
-    let inter = (&p * &t).sum_dim_intlist([1i64].as_slice(), false, Kind::Float);
-    let denom = p.sum_dim_intlist([1i64].as_slice(), false, Kind::Float) + t.sum_dim_intlist([1i64].as_slice(), false, Kind::Float);
+    let (dice, bce) = dice_bce_per_mask(logits, target);
+    (dice.mean(Kind::Float), bce.mean(Kind::Float))
+}
+
+/// Dice loss and BCE (mean over pixels) of each of K masks of logits (B, K, H, W) against a 0/1
+/// target (B, 1, H, W): two (B, K) tensors.
+pub fn dice_bce_per_mask(logits: &Tensor, target: &Tensor) -> (Tensor, Tensor) {
+    let t = target.expand_as(logits);
+    let dims = [2i64, 3].as_slice();
+    let p = logits.sigmoid();
+    let inter = (&p * &t).sum_dim_intlist(dims, false, Kind::Float);
+    let denom = p.sum_dim_intlist(dims, false, Kind::Float) + t.sum_dim_intlist(dims, false, Kind::Float);
     let soft_dice: Tensor = (inter * 2.0 + 1.0) / (denom + 1.0);
-    let dice = (soft_dice.neg() + 1.0).mean(Kind::Float);
-    let bce = logits.binary_cross_entropy_with_logits::<Tensor>(target, None, None, tch::Reduction::Mean);
-    (dice, bce)
+    let bce = logits.binary_cross_entropy_with_logits::<Tensor>(&t, None, None, tch::Reduction::None).mean_dim(dims, false, Kind::Float);
+    (soft_dice.neg() + 1.0, bce)
+}
+
+/// IoU of each output's mask (logits > 0) with the target, (B, K), as the IoU head should predict.
+fn actual_iou(logits: &Tensor, target: &Tensor) -> Tensor {
+    let dims = [2i64, 3].as_slice();
+    let p = logits.gt(0.0).to_kind(Kind::Float);
+    let t = target.expand_as(&p);
+    let inter = (&p * &t).sum_dim_intlist(dims, false, Kind::Float);
+    let union = p.sum_dim_intlist(dims, false, Kind::Float) + t.sum_dim_intlist(dims, false, Kind::Float) - &inter;
+    inter / union.clamp_min(1.0)
 }
 
 /// Runs (or resumes) a training job. `emit` gets every event and returns false once the client
@@ -338,10 +370,11 @@ pub fn run(job: &Job, mut emit: impl FnMut(Event) -> bool, cancelled_now: impl F
         adam_step: step,
     };
     if resumed.is_none() {
-        // Epoch 0: the base model, the reference for "improves".
+        // Epoch 0: the base model's scores, for reference. "Best" starts at the first trained
+        // epoch, so that every run has a best checkpoint to register.
         let t = Instant::now();
-        let (val_all, by_label) = validate(&sam, &val, r);
-        let rec = EpochRecord { epoch: 0, val: val_all, val_by_label: by_label, seconds: t.elapsed().as_secs_f64(), learning_rate: r.learning_rate, ..Default::default() };
+        let (val_all, by_label, val_multimask) = validate(&sam, &val, r);
+        let rec = EpochRecord { epoch: 0, val: val_all, val_by_label: by_label, val_multimask, seconds: t.elapsed().as_secs_f64(), learning_rate: r.learning_rate, ..Default::default() };
         history.push(rec.clone());
         if !emit(Event::Epoch(rec)) {
             return Ok(cancelled(job, best_epoch, best));
@@ -353,15 +386,14 @@ pub fn run(job: &Job, mut emit: impl FnMut(Event) -> bool, cancelled_now: impl F
         let order = data::epoch_order(train.len(), r, epoch);
         let steps = order.len().div_ceil(r.batch_size);
         let total_steps = steps * r.epochs;
-        let (mut sum, mut sum_dice, mut sum_bce, mut n) = (0.0, 0.0, 0.0, 0usize);
+        let (mut sum, mut n) = (StepLosses::default(), 0usize);
         for (step, idx) in order.chunks(r.batch_size).enumerate() {
             let batch: Vec<&Sample> = idx.iter().map(|&i| &train[i]).collect();
             let mode = data::step_mode(r, epoch, step);
             let factor = r.lr_schedule.factor(adam.step as usize + 1, r.warmup_steps, total_steps);
-            let (loss, d, b) = train_step(&sam, &mut adam, &batch, r, epoch, mode, factor)?;
-            sum += loss * batch.len() as f64;
-            sum_dice += d * batch.len() as f64;
-            sum_bce += b * batch.len() as f64;
+            let losses = train_step(&sam, &mut adam, &batch, r, epoch, mode, factor)?;
+            let loss = losses.total;
+            sum.add(&losses, batch.len() as f64);
             n += batch.len();
             let progress = r.progress_every > 0 && (step + 1) % r.progress_every == 0;
             let alive = !cancelled_now() && (!progress || emit(Event::Progress { epoch, step: step + 1, steps, loss }));
@@ -370,7 +402,7 @@ pub fn run(job: &Job, mut emit: impl FnMut(Event) -> bool, cancelled_now: impl F
                 return Ok(cancelled(job, best_epoch, best));
             }
         }
-        let (val_all, by_label) = validate(&sam, &val, r);
+        let (val_all, by_label, val_multimask) = validate(&sam, &val, r);
         let improved = val_all.dice > best + r.min_delta;
         if improved {
             best = val_all.dice;
@@ -382,11 +414,14 @@ pub fn run(job: &Job, mut emit: impl FnMut(Event) -> bool, cancelled_now: impl F
         let nf = n.max(1) as f64;
         let rec = EpochRecord {
             epoch,
-            train_loss: sum / nf,
-            train_dice_loss: sum_dice / nf,
-            train_bce_loss: sum_bce / nf,
+            train_loss: sum.total / nf,
+            train_dice_loss: sum.dice / nf,
+            train_bce_loss: sum.bce / nf,
+            train_multimask_loss: sum.multimask / nf,
+            train_iou_loss: sum.iou / nf,
             val: val_all,
             val_by_label: by_label,
+            val_multimask,
             seconds: t.elapsed().as_secs_f64(),
             learning_rate: r.learning_rate * r.lr_schedule.factor(adam.step as usize, r.warmup_steps, total_steps),
             best: improved,
@@ -436,10 +471,34 @@ fn cancelled(job: &Job, best_epoch: usize, best: f64) -> Finished {
     }
 }
 
-/// One optimisation step on a batch; returns (loss, dice part, bce part).
-fn train_step(sam: &Sam, adam: &mut Adam, batch: &[&Sample], r: &Recipe, epoch: usize, mode: PromptMode, lr_factor: f64) -> Result<(f64, f64, f64)> {
+/// A step's loss and its parts (the multimask and IoU parts are 0 unless the recipe trains them).
+#[derive(Clone, Copy, Debug, Default)]
+struct StepLosses {
+    total: f64,
+    dice: f64,
+    bce: f64,
+    multimask: f64,
+    iou: f64,
+}
+
+impl StepLosses {
+    fn add(&mut self, o: &Self, weight: f64) {
+        self.total += o.total * weight;
+        self.dice += o.dice * weight;
+        self.bce += o.bce * weight;
+        self.multimask += o.multimask * weight;
+        self.iou += o.iou * weight;
+    }
+}
+
+/// One optimisation step on a batch: Dice + BCE of the single-mask output and, with `multimask`,
+/// the best-of-three Dice + BCE of the multimask outputs plus the IoU head's MSE (SAM's recipe,
+/// unweighted).
+fn train_step(sam: &Sam, adam: &mut Adam, batch: &[&Sample], r: &Recipe, epoch: usize, mode: PromptMode, lr_factor: f64) -> Result<StepLosses> {
     let prepared: Vec<data::Prepared> = batch.iter().map(|s| data::prepare(s, r, epoch, sam)).collect::<Result<_>>()?;
-    let low = decode_batch(sam, &prepared, mode);
+    let (all, iou_pred) = decode_batch(sam, &prepared, mode, r.multimask);
+    let low = all.narrow(1, 0, 1);
+    let target = Tensor::cat(&prepared.iter().map(|p| p.target_low.shallow_clone()).collect::<Vec<_>>(), 0);
     let (dice, bce) = if r.loss_full_size {
         let mut d = Vec::new();
         let mut b = Vec::new();
@@ -451,10 +510,20 @@ fn train_step(sam: &Sam, adam: &mut Adam, batch: &[&Sample], r: &Recipe, epoch: 
         }
         (Tensor::stack(&d, 0).mean(Kind::Float), Tensor::stack(&b, 0).mean(Kind::Float))
     } else {
-        let target = Tensor::cat(&prepared.iter().map(|p| p.target_low.shallow_clone()).collect::<Vec<_>>(), 0);
         dice_bce(&low, &target)
     };
-    let loss = &dice + &bce;
+    let mut loss = &dice + &bce;
+    let mut parts = StepLosses::default();
+    if r.multimask {
+        let multi = all.narrow(1, 1, all.size()[1] - 1);
+        let (d, b) = dice_bce_per_mask(&multi, &target);
+        let best_of_three = (d + b).amin([1i64].as_slice(), false).mean(Kind::Float);
+        let actual = tch::no_grad(|| actual_iou(&all, &target));
+        let iou_loss = iou_pred.mse_loss(&actual, tch::Reduction::Mean);
+        parts.multimask = best_of_three.double_value(&[]);
+        parts.iou = iou_loss.double_value(&[]);
+        loss = loss + best_of_three + iou_loss;
+    }
     let value = loss.double_value(&[]);
     if !value.is_finite() {
         // Diverged: stop before the update, so that no checkpoint holds non-finite weights.
@@ -465,12 +534,13 @@ fn train_step(sam: &Sam, adam: &mut Adam, batch: &[&Sample], r: &Recipe, epoch: 
     adam.zero_grad();
     loss.backward();
     adam.step(lr_factor);
-    Ok((value, dice.double_value(&[]), bce.double_value(&[])))
+    Ok(StepLosses { total: value, dice: dice.double_value(&[]), bce: bce.double_value(&[]), ..parts })
 }
 
-/// Single-mask low-res logits (B, 1, 256, 256) of prepared samples: their cached embeddings, or
-/// their images encoded now (full training), decoded with their prompts.
-fn decode_batch(sam: &Sam, prepared: &[data::Prepared], mode: PromptMode) -> Tensor {
+/// Low-res logits and IoU predictions of prepared samples (their cached embeddings, or their
+/// images encoded now in full training) decoded with their prompts: every output (B, 4, h, w)
+/// when `all_outputs`, else the single-mask one (B, 1, h, w), token 0 first either way.
+fn decode_batch(sam: &Sam, prepared: &[data::Prepared], mode: PromptMode, all_outputs: bool) -> (Tensor, Tensor) {
     let features = match &prepared[0].features {
         Some(_) => Tensor::cat(&prepared.iter().map(|p| p.features.as_ref().expect("same mode").shallow_clone()).collect::<Vec<_>>(), 0),
         None => sam.embed(&Tensor::cat(&prepared.iter().map(|p| p.image.as_ref().expect("live encoding").shallow_clone()).collect::<Vec<_>>(), 0)),
@@ -482,30 +552,46 @@ fn decode_batch(sam: &Sam, prepared: &[data::Prepared], mode: PromptMode) -> Ten
         boxes: boxes.as_ref(),
         masks: None,
     };
-    sam.decode(&features, &pb, false).0
+    if all_outputs {
+        sam.decode_all(&features, &pb)
+    } else {
+        sam.decode(&features, &pb, false)
+    }
 }
 
 /// Validation Dice / IoU / accuracy at full resolution (as the evaluation measures), overall and
-/// per lesion type, with the fixed validation prompts.
-fn validate(sam: &Sam, val: &[Sample], r: &Recipe) -> (LabelScores, BTreeMap<String, LabelScores>) {
+/// per lesion type, with the fixed validation prompts; with `multimask`, also overall for the
+/// multimask output with the highest predicted IoU.
+fn validate(sam: &Sam, val: &[Sample], r: &Recipe) -> (LabelScores, BTreeMap<String, LabelScores>, Option<LabelScores>) {
     let mut rows: Vec<(Option<String>, ImageScores)> = Vec::with_capacity(val.len());
+    let mut multi_rows: Vec<(Option<String>, ImageScores)> = Vec::new();
+    let to_mask = |t: &Tensor, p: &data::Prepared| {
+        let full = sam.postprocess_masks(t, p.input_size, p.original_size);
+        Vec::<u8>::try_from(full.gt(0.0).to_kind(Kind::Uint8).flatten(0, -1).to_device(Device::Cpu)).unwrap_or_default()
+    };
     tch::no_grad(|| {
         for chunk in val.chunks(r.batch_size.max(1)) {
-            let prepared: Vec<data::Prepared> = chunk.iter().filter_map(|s| data::prepare(s, r, data::VALIDATION_EPOCH, sam).ok()).collect();
+            // A sample that cannot be prepared is left out of the scores, keeping each with its own.
+            let (prepared, samples): (Vec<data::Prepared>, Vec<&Sample>) =
+                chunk.iter().filter_map(|s| data::prepare(s, r, data::VALIDATION_EPOCH, sam).ok().map(|p| (p, s))).unzip();
             if prepared.is_empty() {
                 continue;
             }
-            let low = decode_batch(sam, &prepared, r.mode);
-            for (i, (p, s)) in prepared.iter().zip(chunk).enumerate() {
-                let full = sam.postprocess_masks(&low.narrow(0, i as i64, 1), p.input_size, p.original_size);
-                let pred = Vec::<u8>::try_from(full.gt(0.0).to_kind(Kind::Uint8).flatten(0, -1).to_device(Device::Cpu)).unwrap_or_default();
-                rows.push((s.label.clone(), score(&pred, &s.truth.data)));
+            let (all, iou) = decode_batch(sam, &prepared, r.mode, r.multimask);
+            for (i, (p, s)) in prepared.iter().zip(samples).enumerate() {
+                let i = i as i64;
+                rows.push((s.label.clone(), score(&to_mask(&all.narrow(0, i, 1).narrow(1, 0, 1), p), &s.truth.data)));
+                if r.multimask {
+                    let k = 1 + iou.get(i).narrow(0, 1, iou.size()[1] - 1).argmax(0, false).int64_value(&[]);
+                    multi_rows.push((s.label.clone(), score(&to_mask(&all.narrow(0, i, 1).narrow(1, k, 1), p), &s.truth.data)));
+                }
             }
         }
     });
-    let summary = Summary::of(rows.iter().map(|(l, s)| (l.as_deref(), *s)));
     let conv = |g: &crate::eval::scores::GroupSummary| LabelScores { dice: g.dice.mean, iou: g.iou.mean, accuracy: g.accuracy.mean, n: g.n };
-    (conv(&summary.overall), summary.by_label.iter().map(|(k, v)| (k.clone(), conv(v))).collect())
+    let summary = Summary::of(rows.iter().map(|(l, s)| (l.as_deref(), *s)));
+    let multi = r.multimask.then(|| conv(&Summary::of(multi_rows.iter().map(|(l, s)| (l.as_deref(), *s))).overall));
+    (conv(&summary.overall), summary.by_label.iter().map(|(k, v)| (k.clone(), conv(v))).collect(), multi)
 }
 
 #[cfg(test)]
@@ -522,6 +608,26 @@ mod tests {
         assert!(c.factor(500, 10, 110).abs() < 1e-12, "stays at zero past the end");
         assert_eq!(LrSchedule::Constant.factor(60, 10, 110), 1.0);
         assert!((LrSchedule::Constant.factor(1, 4, 110) - 0.25).abs() < 1e-12);
+    }
+
+    #[test]
+    fn per_mask_losses_and_actual_iou() {
+        // Target: the left half of a 4x4 mask; outputs: right, left, everything.
+        let t = Tensor::from_slice(&[1f32, 1., 0., 0.]).view([1, 1, 1, 4]).repeat([1, 1, 4, 1]);
+        let right = (t.neg() + 0.5) * 40.0;
+        let left = (&t - 0.5) * 40.0;
+        let all = Tensor::full([1, 1, 4, 4], 20.0, (Kind::Float, Device::Cpu));
+        let logits = Tensor::cat(&[right, left, all], 1);
+        let (d, b) = dice_bce_per_mask(&logits, &t);
+        let (d, b) = (Vec::<f32>::try_from(d.flatten(0, -1)).unwrap(), Vec::<f32>::try_from(b.flatten(0, -1)).unwrap());
+        assert!(d[1] < 0.01 && b[1] < 1e-6, "the right mask costs nothing: {d:?} {b:?}");
+        assert!(d[0] > 0.9 && b[0] > 5.0, "the opposite mask costs most: {d:?} {b:?}");
+        assert!(d[2] > d[1] && d[2] < d[0]);
+        let iou = Vec::<f32>::try_from(actual_iou(&logits, &t).flatten(0, -1)).unwrap();
+        assert_eq!(iou, [0.0, 1.0, 0.5]);
+        // The single-output form is the mean of the per-mask one.
+        let (d1, _) = dice_bce(&logits.narrow(1, 1, 1), &t);
+        assert!(d1.double_value(&[]) < 0.01);
     }
 
     #[test]
