@@ -284,6 +284,14 @@ async fn one_run_per_device_and_bad_requests() {
     let mut r = mixed("x10", 1);
     r.recipe.as_mut().unwrap().lr_schedule = 9;
     cases.push((r, Code::InvalidArgument, "recipe.lr_schedule"));
+    let mut r = request("x11", 1);
+    let rec = r.recipe.as_mut().unwrap();
+    (rec.multimask, rec.train_mask_decoder, rec.train_prompt_encoder) = (true, Some(false), true);
+    cases.push((r, Code::InvalidArgument, "recipe.multimask"));
+    let mut r = request("x12", 1);
+    let rec = r.recipe.as_mut().unwrap();
+    (rec.multimask, rec.loss_full_size) = (true, true);
+    cases.push((r, Code::InvalidArgument, "recipe.multimask"));
     let mut r = request("never-ran", 1);
     r.resume = true;
     cases.push((r, Code::NotFound, "resume"));

@@ -151,6 +151,13 @@ impl Recipe {
         if !(self.weight_decay.is_finite() && (0.0..1.0).contains(&self.weight_decay)) {
             return Err(invalid("recipe.weight_decay", format!("{} is not in [0, 1)", self.weight_decay)));
         }
+        if self.multimask && !self.train_mask_decoder {
+            return Err(invalid("recipe.multimask", "trains the mask decoder's outputs and IoU head: it needs train_mask_decoder"));
+        }
+        if self.multimask && self.loss_full_size {
+            // The multimask and IoU terms are defined on the low-res logits only.
+            return Err(invalid("recipe.multimask", "cannot be combined with loss_full_size"));
+        }
         if !(self.min_delta.is_finite() && self.min_delta >= 0.0) {
             return Err(invalid("recipe.min_delta", "must be >= 0"));
         }
@@ -626,8 +633,9 @@ mod tests {
         let iou = Vec::<f32>::try_from(actual_iou(&logits, &t).flatten(0, -1)).unwrap();
         assert_eq!(iou, [0.0, 1.0, 0.5]);
         // The single-output form is the mean of the per-mask one.
-        let (d1, _) = dice_bce(&logits.narrow(1, 1, 1), &t);
-        assert!(d1.double_value(&[]) < 0.01);
+        let (d1, b1) = dice_bce(&logits, &t);
+        let mean = |v: &[f32]| v.iter().map(|&x| f64::from(x)).sum::<f64>() / v.len() as f64;
+        assert!((d1.double_value(&[]) - mean(&d)).abs() < 1e-6 && (b1.double_value(&[]) - mean(&b)).abs() < 1e-5);
     }
 
     #[test]
