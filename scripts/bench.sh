@@ -3,6 +3,8 @@
 # machine, image, prompt and random weights. Writes target/bench/results.jsonl and prints it.
 # VARIANTS="vit_b vit_l vit_h" (default), PRECISIONS="fp32 bf16" (default), DEVICE=auto;
 # BIN and PYTHON override the binary (no build then) and the Python with segment-anything.
+# OFFICIAL_MALLOC=1 (default) also times the official package with the glibc allocator settings
+# SkinSAM applies to itself at start (skinsam::device::tune_allocator), labelled "official+malloc".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VARIANTS=${VARIANTS:-"vit_b vit_l vit_h"}
@@ -24,6 +26,11 @@ for v in $VARIANTS; do
   fi
   "$PY" scripts/bench_official.py --device "$DEVICE" --variant "$v" --checkpoint "$ckpt" --embed-repeat "$EMBED_REPEAT" --image $IMAGE --box $BOX --point $POINT \
     | tee -a "$out/results.jsonl"
+  if [ "${OFFICIAL_MALLOC:-1}" = 1 ]; then
+    MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824 MALLOC_TOP_PAD_=67108864 \
+      "$PY" scripts/bench_official.py --device "$DEVICE" --variant "$v" --checkpoint "$ckpt" --embed-repeat "$EMBED_REPEAT" \
+      --image $IMAGE --box $BOX --point $POINT --label official+malloc | tee -a "$out/results.jsonl"
+  fi
   for p in $PRECISIONS; do
     "$BIN" bench --variant "$v" --checkpoint "$ckpt" --embed-repeat "$EMBED_REPEAT" --image $IMAGE --box $BOX --point $POINT \
       --precision "$p" --device "$DEVICE" | tee -a "$out/results.jsonl"

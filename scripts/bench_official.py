@@ -28,6 +28,7 @@ def main():
     ap.add_argument("--predict-repeat", type=int, default=30)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    ap.add_argument("--label", default="official", help="the impl field of the JSON line")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -69,7 +70,7 @@ def main():
             predictor.predict(point_coords=point, point_labels=np.array([1]), box=box, multimask_output=True)
             pred.append(time.perf_counter() - t)
     print(json.dumps({
-        "impl": "official",
+        "impl": args.label,
         "variant": args.variant,
         "precision": "fp32",
         "threads": torch.get_num_threads(),

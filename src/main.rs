@@ -473,6 +473,7 @@ fn parse_floats<const N: usize>(s: &str) -> Result<[f32; N], String> {
 }
 
 fn main() -> anyhow::Result<()> {
+    skinsam::device::tune_allocator();
     let cli = Cli::parse();
     let command = cli.command.unwrap_or(Command::Serve { config: None });
     let json_logs = match &command {

@@ -3,7 +3,7 @@
 
 use crate::error::{invalid, Result};
 use crate::model::prompt_encoder::{LABEL_BACKGROUND, LABEL_FOREGROUND, LABEL_PADDING};
-use crate::model::{PromptBatch, Sam, MASK_THRESHOLD};
+use crate::model::{ImageProjections, PromptBatch, Sam, MASK_THRESHOLD};
 use image::RgbImage;
 use std::collections::BTreeMap;
 use tch::{Device, Kind, Tensor};
@@ -16,12 +16,37 @@ pub struct ImageEmbedding {
     pub original_size: (i64, i64),
     /// (height, width) after resizing the longest side to the model's input size.
     pub input_size: (i64, i64),
+    /// The decoder's prompt-independent projections of `features` ([`Sam::decoder_prefix`]),
+    /// computed with the embedding; None (e.g. read back from disk) means each decode computes them.
+    pub prefix: Option<ImageProjections>,
 }
 
 impl ImageEmbedding {
-    /// Shares the features tensor (no copy).
+    /// Shares the tensors (no copy).
     pub fn shallow_clone(&self) -> Self {
-        Self { features: self.features.shallow_clone(), original_size: self.original_size, input_size: self.input_size }
+        Self {
+            features: self.features.shallow_clone(),
+            original_size: self.original_size,
+            input_size: self.input_size,
+            prefix: self.prefix.as_ref().map(ImageProjections::shallow_clone),
+        }
+    }
+
+    /// A copy that owns its storage, e.g. of one image out of a batch, so that caching it does
+    /// not keep the whole batch alive.
+    pub fn copy(&self) -> Self {
+        Self {
+            features: self.features.copy(),
+            original_size: self.original_size,
+            input_size: self.input_size,
+            prefix: self.prefix.as_ref().map(ImageProjections::copy),
+        }
+    }
+
+    /// Bytes held: the embedding and its decoder prefix.
+    pub fn nbytes(&self) -> u64 {
+        let f = (self.features.numel() * self.features.kind().elt_size_in_bytes()) as u64;
+        f + self.prefix.as_ref().map_or(0, ImageProjections::nbytes)
     }
 }
 
@@ -141,7 +166,11 @@ impl Predictor {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        let features = tch::no_grad(|| self.sam.embed(&Tensor::cat(&batch, 0)));
+        let (features, prefix) = tch::no_grad(|| {
+            let f = crate::model::channels_last(&self.sam.embed(&Tensor::cat(&batch, 0)));
+            let p = self.sam.decoder_prefix(&f);
+            (f, p)
+        });
         Ok(geo
             .into_iter()
             .enumerate()
@@ -149,6 +178,7 @@ impl Predictor {
                 features: features.narrow(0, i as i64, 1),
                 original_size,
                 input_size,
+                prefix: Some(prefix.narrow(i as i64, 1)),
             })
             .collect())
     }
@@ -263,7 +293,7 @@ impl Predictor {
             boxes: boxes.as_ref(),
             masks: masks.as_ref(),
         };
-        let (low_res, iou) = self.sam.decode(&emb.features, &prompts, multimask_output);
+        let (low_res, iou) = self.sam.decode_with(&emb.features, emb.prefix.as_ref(), &prompts, multimask_output);
         let iou = iou.to_device(Device::Cpu).to_kind(Kind::Float);
         let low_res_cpu = low_res.to_device(Device::Cpu);
         let mut out = Vec::with_capacity(batch.len());

@@ -86,3 +86,66 @@ fn best_only_post_processing_gives_the_best_of_all() {
         assert!(a.best_mask().equal(&b.best_mask()));
     }
 }
+
+/// The decoder prefix cached with an embedding, and a channels-last layout, are shortcuts: the
+/// results equal those of an embedding without either. The default model (8 decoder heads) also
+/// takes the folded-projection attention path, which the tiny model's 4 narrow heads do not.
+#[test]
+fn cached_decoder_prefix_and_layout_change_nothing() {
+    use skinsam::model::{Sam, SamVariant};
+    use skinsam::predictor::{ImageEmbedding, Predictor};
+    let default_model =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/skinsam_tiny.safetensors");
+    let sam = Sam::load(SamVariant::SkinsamTiny, &default_model, tch::Device::Cpu)
+        .unwrap()
+        .0;
+    for p in [common::tiny_predictor(), Predictor::new(sam)] {
+        let img = decode_rgb(
+            &common::fixture_bytes("ISIC_0024311.png"),
+            "image",
+            u64::MAX,
+        )
+        .unwrap();
+        let emb = p.set_image(&img).unwrap();
+        assert!(emb.prefix.is_some(), "set_image computes the prefix");
+        let plain = ImageEmbedding {
+            features: emb.features.contiguous(),
+            prefix: None,
+            ..emb.shallow_clone()
+        };
+        let a = p.predict(&emb, &prompts(), true).unwrap();
+        let b = p.predict(&plain, &prompts(), true).unwrap();
+        for (i, (a, b)) in a.iter().zip(&b).enumerate() {
+            let d = (&a.low_res_logits - &b.low_res_logits)
+                .abs()
+                .max()
+                .double_value(&[]);
+            assert!(d < 1e-4, "prompt {i}: logits differ by {d}");
+            assert_eq!(a.iou_predictions.len(), b.iou_predictions.len());
+            for (x, y) in a.iou_predictions.iter().zip(&b.iou_predictions) {
+                assert!((x - y).abs() < 1e-5, "prompt {i}: IoU {x} vs {y}");
+            }
+        }
+    }
+}
+
+/// Post-processing up-samples only the un-padded part; it must equal the official
+/// up-sample-crop-resize exactly.
+#[test]
+fn cropped_post_processing_equals_the_official_order() {
+    let p = common::tiny_predictor();
+    let low = tch::Tensor::randn([2, 3, 256, 256], (tch::Kind::Float, tch::Device::Cpu));
+    for (input, original) in [
+        ((768, 1024), (450, 600)),
+        ((1024, 683), (3000, 2000)),
+        ((1024, 1024), (1000, 1000)),
+    ] {
+        let got = p.sam.postprocess_masks(&low, input, original);
+        let up = low
+            .upsample_bilinear2d([1024, 1024], false, None, None)
+            .narrow(2, 0, input.0)
+            .narrow(3, 0, input.1);
+        let want = up.upsample_bilinear2d([original.0, original.1], false, None, None);
+        assert!(got.equal(&want), "{input:?} -> {original:?}");
+    }
+}

@@ -45,7 +45,7 @@ impl EmbeddingCache {
     /// Inserts, then evicts least recently used entries until within budget. An embedding larger
     /// than the whole budget is not kept (the caller still has it for this request).
     pub fn insert(&mut self, key: String, emb: ImageEmbedding) {
-        let size = (emb.features.numel() * emb.features.kind().elt_size_in_bytes()) as u64;
+        let size = emb.nbytes();
         if size > self.max_bytes {
             self.evicted.put(key, ());
             return;

@@ -47,9 +47,10 @@ impl EmbeddingStore {
         let (features, sizes) = (get("features")?, get("sizes")?);
         let s = Vec::<i64>::try_from(sizes).ok()?;
         (s.len() == 4).then(|| ImageEmbedding {
-            features: features.to_device(self.device),
+            features: crate::model::channels_last(&features.to_device(self.device)),
             original_size: (s[0], s[1]),
             input_size: (s[2], s[3]),
+            prefix: None,
         })
     }
 

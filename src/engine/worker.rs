@@ -174,7 +174,7 @@ impl Worker {
             Ok(embs) => {
                 for ((key, _, format, queue, reply, t0), emb) in todo.into_iter().zip(embs) {
                     // A batched embedding is a view into the batch: copy so the cache holds only its own.
-                    let emb = ImageEmbedding { features: emb.features.copy(), ..emb };
+                    let emb = emb.copy();
                     if let Some(store) = &self.store {
                         store.put(&key, &emb);
                     }
@@ -200,7 +200,9 @@ impl Worker {
         };
         let mut result = if hit.is_some() { "hit" } else { "miss" };
         if hit.is_none() {
-            if let Some(e) = self.store.as_ref().and_then(|s| s.get(key)) {
+            if let Some(mut e) = self.store.as_ref().and_then(|s| s.get(key)) {
+                // The store keeps only the embedding; the decoder prefix is cheap to redo.
+                e.prefix = Some(tch::no_grad(|| self.predictor.sam.decoder_prefix(&e.features)));
                 self.cache.insert(key.to_owned(), e.shallow_clone());
                 hit = Some(e);
                 result = "disk";

@@ -2,9 +2,9 @@
 //! two-way transformer, upscaled image features, per-token hypernetwork MLPs and an IoU head.
 
 use super::common::{LayerNorm2d, Mlp};
-use super::transformer::TwoWayTransformer;
+use super::transformer::{ImageProjections, TwoWayTransformer};
 use super::variant::SamConfig;
-use tch::nn::{self, Module};
+use tch::nn;
 use tch::Tensor;
 
 #[derive(Debug)]
@@ -43,13 +43,7 @@ impl MaskDecoder {
             upscale_ln1: LayerNorm2d::new(&(&up / 1), dim / 4),
             upscale_conv3: nn::conv_transpose2d(&up / 3, dim / 4, dim / 8, 2, s2),
             output_hypernetworks_mlps: (0..num_mask_tokens).map(|i| Mlp::new(&(&hyper / i), dim, dim, dim / 8, 3)).collect(),
-            iou_prediction_head: Mlp::new(
-                &(p / "iou_prediction_head"),
-                dim,
-                cfg.iou_head_hidden_dim,
-                num_mask_tokens,
-                cfg.iou_head_depth,
-            ),
+            iou_prediction_head: Mlp::new(&(p / "iou_prediction_head"), dim, cfg.iou_head_hidden_dim, num_mask_tokens, cfg.iou_head_depth),
         }
     }
 
@@ -63,37 +57,136 @@ impl MaskDecoder {
         }
     }
 
+    /// The prompt-independent part of decoding `image_embeddings` (1, C, H, W) with a dense prompt
+    /// embedding shared by all prompts (`dense` (1, C, H, W): the no-mask embedding), to pass to
+    /// [`Self::predict_masks_with`].
+    pub fn prefix(&self, image_embeddings: &Tensor, image_pe: &Tensor, dense: &Tensor) -> ImageProjections {
+        self.transformer.prefix(&image_tokens(&(image_embeddings + dense)), &image_tokens(image_pe))
+    }
+
     /// All outputs: low-res mask logits (B, 4, 256, 256) and IoU predictions (B, 4), token 0 first.
-    /// `image_embeddings` is (1, C, H, W), shared by all B prompts, or (B, C, H, W), one per prompt.
+    /// `image_embeddings` and `dense` are (1, C, H, W), shared by all B prompts, or (B, C, H, W),
+    /// one per prompt.
     pub fn predict_masks(&self, image_embeddings: &Tensor, image_pe: &Tensor, sparse: &Tensor, dense: &Tensor) -> (Tensor, Tensor) {
+        self.predict_masks_with(image_embeddings, image_pe, sparse, dense, None)
+    }
+
+    /// [`Self::predict_masks`] with the prefix of these `image_embeddings` and `dense` computed
+    /// before (the same numbers, without the work).
+    pub fn predict_masks_with(
+        &self,
+        image_embeddings: &Tensor,
+        image_pe: &Tensor,
+        sparse: &Tensor,
+        dense: &Tensor,
+        prefix: Option<&ImageProjections>,
+    ) -> (Tensor, Tensor) {
         let bsz = sparse.size()[0];
         let output_tokens = Tensor::cat(&[&self.iou_token, &self.mask_tokens], 0);
         let output_tokens = output_tokens.unsqueeze(0).expand([bsz, -1, -1], false);
         let sparse = sparse.to_kind(output_tokens.kind());
         let tokens = Tensor::cat(&[output_tokens, sparse], 1);
-        let src = if image_embeddings.size()[0] == bsz {
-            image_embeddings.shallow_clone()
-        } else {
-            image_embeddings.expand([bsz, -1, -1, -1], false)
+        // Image tokens stay at batch 1 when every prompt shares them: SAM repeats them per prompt,
+        // but the first block's projections of them are the same for each.
+        let keys = image_tokens(&(image_embeddings + dense));
+        let pe = image_tokens(image_pe);
+        let computed;
+        let prefix = match prefix {
+            Some(p) => p,
+            None => {
+                computed = self.transformer.prefix(&keys, &pe);
+                &computed
+            }
         };
-        let src = src + dense;
-        let pos_src = image_pe.expand([bsz, -1, -1, -1], false);
-        let (b, c, h, w) = src.size4().expect("BCHW");
-        let (hs, src) = self.transformer.forward(&src, &pos_src, &tokens);
+        let (_, _, h, w) = image_embeddings.size4().expect("BCHW");
+        let (hs, src) = self.transformer.forward(&keys, &pe, &tokens, prefix);
         let iou_token_out = hs.select(1, 0);
-        let src = src.transpose(1, 2).reshape([b, c, h, w]);
-        let upscaled = self.upscale_ln1.forward(&src.apply(&self.upscale_conv0)).gelu("none");
-        let upscaled = upscaled.apply(&self.upscale_conv3).gelu("none");
-        let hyper_in: Vec<Tensor> = self
-            .output_hypernetworks_mlps
-            .iter()
-            .enumerate()
-            .map(|(i, mlp)| hs.select(1, 1 + i as i64).apply(mlp))
-            .collect();
-        let hyper_in = Tensor::stack(&hyper_in, 1);
-        let (b, c, h, w) = upscaled.size4().expect("BCHW");
-        let masks = hyper_in.matmul(&upscaled.view([b, c, h * w])).view([b, -1, h, w]);
+        let hyper_in: Vec<Tensor> =
+            self.output_hypernetworks_mlps.iter().enumerate().map(|(i, mlp)| hs.select(1, 1 + i as i64).apply(mlp)).collect();
+        let masks = self.upscaled_masks(&src, (h, w), &Tensor::stack(&hyper_in, 1));
         let iou_pred = iou_token_out.apply(&self.iou_prediction_head);
         (masks, iou_pred)
+    }
+
+    /// `output_upscaling` then the hypernetwork product: src (B, HW, C) -> masks (B, K, 4H, 4W)
+    /// for hyper_in (B, K, C/8). The two stride-2 transposed convolutions are done as matrix
+    /// products on channels-last tokens, with their LayerNorm2d as a plain LayerNorm over the last
+    /// axis and one small permutation of the K masks at the end: libtorch's CPU
+    /// conv_transpose2d, the NCHW channel norm and the two pixel shuffles took a third of the
+    /// decoder's time. Same arithmetic as the module, summed in another order.
+    fn upscaled_masks(&self, src: &Tensor, (h, w): (i64, i64), hyper_in: &Tensor) -> Tensor {
+        let b = src.size()[0];
+        let (w0, b0) = kernel_as_matrix(&self.upscale_conv0);
+        let x = b0.addmm(&src.reshape([-1, src.size()[2]]), &w0);
+        // Rows (b, i, j), columns (kh, kw, c1) -> rows (b, i, j, kh, kw), c1 columns.
+        let c1 = self.upscale_ln1.weight.size()[0];
+        let x = x
+            .view([-1, c1])
+            .layer_norm([c1], Some(&self.upscale_ln1.weight), Some(&self.upscale_ln1.bias), LayerNorm2d::EPS, false)
+            .gelu("none");
+        let (w1, b1) = kernel_as_matrix(&self.upscale_conv3);
+        let c2 = w1.size()[1] / (UPSCALE_STRIDE * UPSCALE_STRIDE);
+        // Rows (b, i, j, kh1, kw1, kh2, kw2): output pixel (4i + 2kh1 + kh2, 4j + 2kw1 + kw2).
+        let x = b1.addmm(&x, &w1).gelu("none").view([b, -1, c2]);
+        let k = hyper_in.size()[1];
+        let s = UPSCALE_STRIDE;
+        x.matmul(&hyper_in.transpose(1, 2)).view(&[b, h, w, s, s, s, s, k][..]).permute([0, 7, 1, 3, 5, 2, 4, 6]).reshape([
+            b,
+            k,
+            h * s * s,
+            w * s * s,
+        ])
+    }
+}
+
+/// Kernel size and stride of both transposed convolutions of `output_upscaling`.
+const UPSCALE_STRIDE: i64 = 2;
+
+/// A ConvTranspose2d with kernel = stride as a matrix product: weight (Cin, Cout, kh, kw) ->
+/// (Cin, kh * kw * Cout) with columns ordered (kh, kw, Cout), and the bias tiled to match.
+fn kernel_as_matrix(conv: &nn::ConvTranspose2D) -> (Tensor, Tensor) {
+    let (cin, cout, kh, kw) = conv.ws.size4().expect("ConvTranspose2d weight");
+    debug_assert_eq!((kh, kw), (UPSCALE_STRIDE, UPSCALE_STRIDE));
+    let bias = conv.bs.as_ref().expect("output_upscaling convolutions have a bias");
+    (conv.ws.permute([0, 2, 3, 1]).reshape([cin, kh * kw * cout]), bias.repeat([kh * kw]))
+}
+
+/// (B, C, H, W) -> tokens (B, HW, C), contiguous: a free view of a channels-last embedding
+/// ([`super::channels_last`]), else a copy. Strided image tokens made every add and norm after
+/// them copy or crawl.
+fn image_tokens(image: &Tensor) -> Tensor {
+    image.flatten(2, -1).transpose(1, 2).contiguous()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::SamVariant;
+    use tch::nn::Module;
+    use tch::{Device, Kind};
+
+    #[test]
+    fn upscaling_as_matrix_products_equals_the_transposed_convolutions() {
+        tch::manual_seed(2);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let d = MaskDecoder::new(&vs.root(), &SamVariant::SkinsamTiny.config());
+        tch::no_grad(|| {
+            for (_, mut v) in vs.variables() {
+                let _ = v.normal_(0.0, 0.2);
+            }
+        });
+        let (b, c, h, w) = (2, 256, 6, 5);
+        let opts = (Kind::Float, Device::Cpu);
+        let src = Tensor::randn([b, h * w, c], opts);
+        let hyper = Tensor::randn([b, 4, c / 8], opts);
+        let got = d.upscaled_masks(&src, (h, w), &hyper);
+        // The module as upstream runs it: NCHW, ConvTranspose2d, LayerNorm2d, GELU.
+        let x = src.transpose(1, 2).reshape([b, c, h, w]);
+        let x = d.upscale_ln1.forward(&x.apply(&d.upscale_conv0)).gelu("none");
+        let x = x.apply(&d.upscale_conv3).gelu("none");
+        let want = hyper.matmul(&x.view([b, c / 8, -1])).view([b, 4, 4 * h, 4 * w]);
+        assert_eq!(got.size(), want.size());
+        let diff = (&got - &want).abs().max().double_value(&[]);
+        assert!(diff < 1e-4, "max abs diff {diff}");
     }
 }

@@ -13,6 +13,7 @@ pub use checkpoint::{Checkpoint, CheckpointError};
 pub use image_encoder::ImageEncoderViT;
 pub use mask_decoder::MaskDecoder;
 pub use prompt_encoder::{PromptBatch, PromptEncoder};
+pub use transformer::ImageProjections;
 pub use variant::{SamConfig, SamVariant};
 
 use tch::{nn, Device, Kind, Tensor};
@@ -22,6 +23,12 @@ pub const PIXEL_MEAN: [f64; 3] = [123.675, 116.28, 103.53];
 pub const PIXEL_STD: [f64; 3] = [58.395, 57.12, 57.375];
 /// Mask logits above this are foreground.
 pub const MASK_THRESHOLD: f64 = 0.0;
+
+/// The same (B, C, H, W) values laid out channels-last (strides of (B, H, W, C)), so that the
+/// mask decoder's (B, HW, C) token view of an embedding needs no copy.
+pub fn channels_last(t: &Tensor) -> Tensor {
+    t.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
+}
 
 /// Numeric precision of the image encoder. The prompt encoder and mask decoder always run in
 /// fp32: they are cheap, and the Fourier positional encoding loses its meaning in 8-bit mantissas.
@@ -127,29 +134,61 @@ impl Sam {
     /// Low-res logits (B, K, 256, 256) and IoU predictions (B, K) for a batch of prompts on
     /// one image embedding (1, C, 64, 64), or one embedding per prompt (B, C, 64, 64).
     pub fn decode(&self, embedding: &Tensor, prompts: &PromptBatch, multimask_output: bool) -> (Tensor, Tensor) {
-        let (masks, iou) = self.decode_all(embedding, prompts);
+        self.decode_with(embedding, None, prompts, multimask_output)
+    }
+
+    /// [`Self::decode`] with the embedding's decoder prefix, when known (see [`Self::decoder_prefix`]).
+    pub fn decode_with(&self, embedding: &Tensor, prefix: Option<&ImageProjections>, prompts: &PromptBatch, multimask_output: bool) -> (Tensor, Tensor) {
+        let (masks, iou) = self.decode_all_with(embedding, prefix, prompts);
         self.mask_decoder.select_outputs(&masks, &iou, multimask_output)
     }
 
     /// Every output of the decoder, (B, 4, 256, 256) logits and (B, 4) IoU predictions: token 0
     /// (the single-mask output) then the three multimask ones. Training uses all of them.
     pub fn decode_all(&self, embedding: &Tensor, prompts: &PromptBatch) -> (Tensor, Tensor) {
+        self.decode_all_with(embedding, None, prompts)
+    }
+
+    /// The decoder's work on `embedding` that no prompt without a mask input changes; computed
+    /// once per image (at embedding time), it makes each later decode cheaper.
+    pub fn decoder_prefix(&self, embedding: &Tensor) -> ImageProjections {
+        let (_, dense) = self.prompt_encoder.forward(&PromptBatch::default());
+        self.mask_decoder.prefix(embedding, &self.prompt_encoder.get_dense_pe(), &dense)
+    }
+
+    /// [`Self::decode_all`] with `prefix` = `self.decoder_prefix(embedding)` when known; it is
+    /// used only for prompts without a mask input.
+    pub fn decode_all_with(&self, embedding: &Tensor, prefix: Option<&ImageProjections>, prompts: &PromptBatch) -> (Tensor, Tensor) {
         let (mut sparse, mut dense) = self.prompt_encoder.forward(prompts);
+        let shared_dense = prompts.masks.is_none();
+        if shared_dense {
+            // The no-mask embedding, the same for every prompt: batch 1 keeps the image side shared.
+            dense = dense.narrow(0, 0, 1);
+        }
         let n = embedding.size()[0];
         if n > 1 && prompts.points.is_none() && prompts.boxes.is_none() && prompts.masks.is_none() {
             // No prompt at all for a batch of images: the same empty prompt for each of them.
             sparse = sparse.expand([n, -1, -1], false);
-            dense = dense.expand([n, -1, -1, -1], false);
         }
         let pe = self.prompt_encoder.get_dense_pe();
-        self.mask_decoder.predict_masks(embedding, &pe, &sparse, &dense)
+        let prefix = if shared_dense { prefix } else { None };
+        self.mask_decoder.predict_masks_with(embedding, &pe, &sparse, &dense, prefix)
     }
 
     /// Official post-processing: logits -> img_size square -> crop the un-padded part -> original size.
     pub fn postprocess_masks(&self, low_res: &Tensor, input_size: (i64, i64), original_size: (i64, i64)) -> Tensor {
         let s = self.config.img_size;
-        let up = low_res.upsample_bilinear2d([s, s], false, None, None);
-        let cropped = up.narrow(2, 0, input_size.0).narrow(3, 0, input_size.1);
+        let low = low_res.size()[3];
+        let cropped = if s % low == 0 {
+            // Only the un-padded part: with the scale given, the bilinear source coordinates of
+            // each output pixel are those of the full square's, so this is its crop, computed
+            // without the padding rows and columns (a quarter of the work for a 4:3 image).
+            let scale = Some((s / low) as f64);
+            low_res.upsample_bilinear2d([input_size.0, input_size.1], false, scale, scale)
+        } else {
+            let up = low_res.upsample_bilinear2d([s, s], false, None, None);
+            up.narrow(2, 0, input_size.0).narrow(3, 0, input_size.1)
+        };
         cropped.upsample_bilinear2d([original_size.0, original_size.1], false, None, None)
     }
 

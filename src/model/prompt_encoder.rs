@@ -52,6 +52,10 @@ pub struct PromptEncoder {
     image_embedding_size: i64,
     input_image_size: i64,
     pe_layer: PositionEmbeddingRandom,
+    /// `get_dense_pe`'s grid, (1, HW, C) contiguous, with the Gaussian matrix it was computed
+    /// from: its sin/cos cost more than a millisecond per decode, and the matrix (a buffer no
+    /// training changes) only changes when weights are loaded, which the comparison catches.
+    dense_pe: std::cell::RefCell<Option<(Tensor, Tensor)>>,
     /// 0: background point, 1: foreground point, 2: box top-left, 3: box bottom-right.
     point_embeddings: Vec<Tensor>,
     not_a_point_embed: Tensor,
@@ -104,6 +108,7 @@ impl PromptEncoder {
             image_embedding_size: cfg.embedding_size(),
             input_image_size: cfg.img_size,
             pe_layer: PositionEmbeddingRandom::new(&(p / "pe_layer"), dim / 2),
+            dense_pe: std::cell::RefCell::new(None),
             point_embeddings: (0..4).map(|i| embedding(&(&pe / i), 1, dim)).collect(),
             not_a_point_embed: embedding(&(p / "not_a_point_embed"), 1, dim),
             mask_conv0: nn::conv2d(&md / 0, 1, mic / 4, 2, s2),
@@ -117,7 +122,17 @@ impl PromptEncoder {
 
     /// Positional encoding of the image embedding grid: (1, C, 64, 64).
     pub fn get_dense_pe(&self) -> Tensor {
-        self.pe_layer.forward_grid(self.image_embedding_size, self.image_embedding_size).unsqueeze(0)
+        let s = self.image_embedding_size;
+        let gaussian = &self.pe_layer.gaussian;
+        let mut cache = self.dense_pe.borrow_mut();
+        let fresh = matches!(&*cache, Some((g, _)) if g.device() == gaussian.device() && g.equal(gaussian));
+        if !fresh {
+            let tokens = tch::no_grad(|| self.pe_layer.forward_grid(s, s).flatten(1, -1).transpose(0, 1).contiguous().unsqueeze(0));
+            *cache = Some((gaussian.copy(), tokens));
+        }
+        let tokens = &cache.as_ref().expect("just filled").1;
+        // A (1, C, H, W) view whose flattened (HW, C) layout is contiguous, as the decoder reads it.
+        tokens.transpose(1, 2).view([1, self.embed_dim, s, s])
     }
 
     fn embed_points(&self, coords: &Tensor, labels: &Tensor, pad: bool) -> Tensor {

@@ -32,14 +32,142 @@ impl Attention {
     }
 
     fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
-        let q = self.separate_heads(&q.apply(&self.q_proj));
-        let k = self.separate_heads(&k.apply(&self.k_proj));
-        let v = self.separate_heads(&v.apply(&self.v_proj));
+        self.attend(&q.apply(&self.q_proj), &k.apply(&self.k_proj), &v.apply(&self.v_proj))
+    }
+
+    /// Attention over already projected q, k, v. Their batch sizes may differ (1 against B): the
+    /// prompt-independent image side is projected once and broadcast over the prompts.
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
+        let (q, k, v) = (self.separate_heads(q), self.separate_heads(k), self.separate_heads(v));
         let c_per_head = q.size()[3];
         let attn = (q.matmul(&k.transpose(2, 3)) / (c_per_head as f64).sqrt()).softmax(-1, q.kind());
         let out = attn.matmul(&v);
         let (b, h, n, c) = out.size4().expect("BHNC");
         out.transpose(1, 2).reshape([b, n, h * c]).apply(&self.out_proj)
+    }
+
+    /// Whether `n` tokens are few enough for the projections to move to the token side: with
+    /// h heads, a product with the C-wide image tokens costs h * n per token instead of the
+    /// projection's internal width (16 tokens for SAM's decoder).
+    fn few_tokens(&self, n: i64) -> bool {
+        n * self.num_heads < self.q_proj.ws.size()[0]
+    }
+
+    /// Prompt tokens q (B, N, C) attending to image tokens k, v (B or 1, HW, C), unprojected.
+    /// Same result as [`Self::forward`], but for few tokens the image tokens are never projected:
+    /// per head, q_h (x W_k,h)^T = (q_h W_k,h) x^T, the key bias only shifts each query's scores
+    /// (softmax ignores it), and p (x W_v,h^T + b_v,h) = (p x) W_v,h^T + b_v,h since p's rows sum
+    /// to one. That halves the work of SAM's token-to-image attentions.
+    fn tokens_to_image(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
+        let (b, n, c) = q.size3().expect("BNC");
+        if !self.few_tokens(n) {
+            return self.forward(q, k, v);
+        }
+        let h = self.num_heads;
+        let q = self.separate_heads(&q.apply(&self.q_proj));
+        let d = q.size()[3];
+        let per_head = |w: &Tensor| w.view([h, d, c]).unsqueeze(0);
+        // (B, h, N, d) @ (1, h, d, C): the queries in the image tokens' space.
+        let a = q.matmul(&per_head(&self.k_proj.ws)).reshape([b, h * n, c]);
+        let p = (a.matmul(&k.transpose(1, 2)) / (d as f64).sqrt()).softmax(-1, a.kind());
+        let px = p.matmul(v).view([b, h, n, c]);
+        let bias = self.v_proj.bs.as_ref().expect("attention projections have a bias");
+        let out = px.matmul(&per_head(&self.v_proj.ws).transpose(2, 3)) + bias.view([1, h, 1, d]);
+        out.transpose(1, 2).reshape([b, n, h * d]).apply(&self.out_proj)
+    }
+
+    /// Image tokens (B or 1, HW, C) attending to prompt tokens k, v (B, N, C), unprojected. For
+    /// few tokens the image side's queries and output projections fold into the token side:
+    /// (x W_q,h^T + b_q,h) k_h^T = x (W_q,h^T k_h^T) + b_q,h k_h^T, and the output projection
+    /// sum_h p_h (v_h W_o,h^T) + b_o needs v_h W_o,h^T only for the N tokens.
+    fn image_to_tokens(&self, queries: ImageQueries, k: &Tensor, v: &Tensor) -> Tensor {
+        let (b, n, c) = k.size3().expect("BNC");
+        if !self.few_tokens(n) {
+            let q = match queries {
+                ImageQueries::Projected(q) => q.shallow_clone(),
+                ImageQueries::Raw(x) => x.apply(&self.q_proj),
+            };
+            return self.attend(&q, &k.apply(&self.k_proj), &v.apply(&self.v_proj));
+        }
+        let h = self.num_heads;
+        let k = self.separate_heads(&k.apply(&self.k_proj));
+        let d = k.size()[3];
+        let kt = k.transpose(2, 3); // (B, h, d, N)
+        let scale = (d as f64).sqrt();
+        // Scores laid out (B, HW, h, N) for the softmax over each head's N tokens.
+        let p = match queries {
+            ImageQueries::Projected(q) => {
+                let s = self.separate_heads(q).matmul(&kt) / scale; // (B, h, HW, N)
+                s.softmax(-1, s.kind()).transpose(1, 2)
+            }
+            ImageQueries::Raw(x) => {
+                let wq = self.q_proj.ws.view([h, d, c]).transpose(1, 2).unsqueeze(0); // (1, h, C, d)
+                let m = wq.matmul(&kt).permute([0, 2, 1, 3]).reshape([b, c, h * n]);
+                let bq = self.q_proj.bs.as_ref().expect("attention projections have a bias");
+                let r = bq.view([1, h, 1, d]).matmul(&kt).reshape([b, 1, h * n]);
+                let s = (x.matmul(&m) + r) / scale; // (B, HW, h * N)
+                let hw = s.size()[1];
+                s.view([b, hw, h, n]).softmax(-1, s.kind())
+            }
+        };
+        let hw = p.size()[1];
+        let v = self.separate_heads(&v.apply(&self.v_proj)); // (B, h, N, d)
+        let cout = self.out_proj.ws.size()[0];
+        let wo = self.out_proj.ws.view([cout, h, d]).permute([1, 2, 0]).unsqueeze(0); // (1, h, d, C)
+        let vw = v.matmul(&wo).reshape([b, h * n, cout]);
+        let bo = self.out_proj.bs.as_ref().expect("attention projections have a bias");
+        p.reshape([b, hw, h * n]).matmul(&vw) + bo
+    }
+}
+
+/// A block's image tokens as its cross-attentions take them.
+enum ImageSide<'a> {
+    Projected(&'a ImageProjections),
+    /// keys + their positional encoding.
+    Raw(Tensor),
+}
+
+/// The image side's queries for [`Attention::image_to_tokens`]: projected already (the cached
+/// first block), or raw image tokens.
+#[derive(Clone, Copy)]
+enum ImageQueries<'a> {
+    Projected(&'a Tensor),
+    Raw(&'a Tensor),
+}
+
+/// The projections of the image tokens that a block's two cross-attentions make before the
+/// tokens meet the prompt: token-to-image keys and values, image-to-token queries. For the first
+/// block they depend on the image embedding alone, so [`TwoWayTransformer::prefix`] computes them
+/// once per embedding: (1, HW, C/downsample) each, broadcast over any number of prompts.
+#[derive(Debug)]
+pub struct ImageProjections {
+    t2i_k: Tensor,
+    t2i_v: Tensor,
+    i2t_q: Tensor,
+}
+
+impl ImageProjections {
+    pub fn shallow_clone(&self) -> Self {
+        Self { t2i_k: self.t2i_k.shallow_clone(), t2i_v: self.t2i_v.shallow_clone(), i2t_q: self.i2t_q.shallow_clone() }
+    }
+
+    /// A copy that owns its storage (not a view into a batch).
+    pub fn copy(&self) -> Self {
+        Self { t2i_k: self.t2i_k.copy(), t2i_v: self.t2i_v.copy(), i2t_q: self.i2t_q.copy() }
+    }
+
+    pub fn narrow(&self, start: i64, len: i64) -> Self {
+        let n = |t: &Tensor| t.narrow(0, start, len);
+        Self { t2i_k: n(&self.t2i_k), t2i_v: n(&self.t2i_v), i2t_q: n(&self.i2t_q) }
+    }
+
+    pub fn nbytes(&self) -> u64 {
+        [&self.t2i_k, &self.t2i_v, &self.i2t_q].iter().map(|t| (t.numel() * t.kind().elt_size_in_bytes()) as u64).sum()
+    }
+
+    pub fn to_device(&self, device: tch::Device) -> Self {
+        let d = |t: &Tensor| t.to_device(device);
+        Self { t2i_k: d(&self.t2i_k), t2i_v: d(&self.t2i_v), i2t_q: d(&self.i2t_q) }
     }
 }
 
@@ -73,7 +201,26 @@ impl TwoWayAttentionBlock {
         }
     }
 
-    fn forward(&self, queries: &Tensor, keys: &Tensor, query_pe: &Tensor, key_pe: &Tensor) -> (Tensor, Tensor) {
+    /// keys (B, HW, C) and their positional encoding -> this block's image-side projections.
+    fn project_image(&self, keys: &Tensor, key_pe: &Tensor) -> ImageProjections {
+        let k = keys + key_pe;
+        ImageProjections {
+            t2i_k: k.apply(&self.cross_attn_token_to_image.k_proj),
+            t2i_v: keys.apply(&self.cross_attn_token_to_image.v_proj),
+            i2t_q: k.apply(&self.cross_attn_image_to_token.q_proj),
+        }
+    }
+
+    /// keys (B or 1, HW, C) with their positional encoding; `prefix` = `project_image(keys,
+    /// key_pe)` when known (the first block's, cached per embedding).
+    fn forward(
+        &self,
+        queries: &Tensor,
+        keys: &Tensor,
+        query_pe: &Tensor,
+        key_pe: &Tensor,
+        prefix: Option<&ImageProjections>,
+    ) -> (Tensor, Tensor) {
         let queries = if self.skip_first_layer_pe {
             self.self_attn.forward(queries, queries, queries)
         } else {
@@ -81,12 +228,26 @@ impl TwoWayAttentionBlock {
             queries + self.self_attn.forward(&q, &q, queries)
         }
         .apply(&self.norm1);
+        let t2i = &self.cross_attn_token_to_image;
         let q = &queries + query_pe;
-        let k = keys + key_pe;
-        let queries = (&queries + self.cross_attn_token_to_image.forward(&q, &k, keys)).apply(&self.norm2);
+        // Without the cached projections, the image tokens with their encoding, raw.
+        let image = match prefix {
+            Some(p) => ImageSide::Projected(p),
+            None => ImageSide::Raw(keys + key_pe),
+        };
+        let attn = match &image {
+            ImageSide::Projected(p) => t2i.attend(&q.apply(&t2i.q_proj), &p.t2i_k, &p.t2i_v),
+            ImageSide::Raw(k) => t2i.tokens_to_image(&q, k, keys),
+        };
+        let queries = (&queries + attn).apply(&self.norm2);
         let queries = (&queries + queries.apply(&self.mlp)).apply(&self.norm3);
         let q = &queries + query_pe;
-        let keys = (keys + self.cross_attn_image_to_token.forward(&k, &q, &queries)).apply(&self.norm4);
+        let image_queries = match &image {
+            ImageSide::Projected(p) => ImageQueries::Projected(&p.i2t_q),
+            ImageSide::Raw(k) => ImageQueries::Raw(k),
+        };
+        let attn = self.cross_attn_image_to_token.image_to_tokens(image_queries, &q, &queries);
+        let keys = (keys + attn).apply(&self.norm4);
         (queries, keys)
     }
 }
@@ -102,26 +263,80 @@ impl TwoWayTransformer {
     pub fn new(p: &nn::Path, depth: i64, dim: i64, heads: i64, mlp_dim: i64, downsample: i64) -> Self {
         let lp = p / "layers";
         Self {
-            layers: (0..depth)
-                .map(|i| TwoWayAttentionBlock::new(&(&lp / i), dim, heads, mlp_dim, downsample, i == 0))
-                .collect(),
+            layers: (0..depth).map(|i| TwoWayAttentionBlock::new(&(&lp / i), dim, heads, mlp_dim, downsample, i == 0)).collect(),
             final_attn_token_to_image: Attention::new(&(p / "final_attn_token_to_image"), dim, heads, downsample),
             norm_final_attn: nn::layer_norm(p / "norm_final_attn", vec![dim], Default::default()),
         }
     }
 
-    /// image (B, C, H, W), pe (B, C, H, W), tokens (B, N, C) -> (tokens (B, N, C), image (B, HW, C)).
-    pub fn forward(&self, image_embedding: &Tensor, image_pe: &Tensor, point_embedding: &Tensor) -> (Tensor, Tensor) {
-        let image_embedding = image_embedding.flatten(2, -1).permute([0, 2, 1]);
-        let image_pe = image_pe.flatten(2, -1).permute([0, 2, 1]);
-        let mut queries = point_embedding.shallow_clone();
-        let mut keys = image_embedding;
-        for layer in &self.layers {
-            (queries, keys) = layer.forward(&queries, &keys, point_embedding, &image_pe);
+    /// The first block's image-side projections of `keys` (B, HW, C) with `pe` (1, HW, C): all
+    /// the transformer's work that does not depend on the prompt.
+    pub fn prefix(&self, keys: &Tensor, pe: &Tensor) -> ImageProjections {
+        self.layers[0].project_image(keys, pe)
+    }
+
+    /// keys (B or 1, HW, C) = image embedding + dense prompt embedding, flattened; pe (1, HW, C);
+    /// tokens (B, N, C); `prefix` = `self.prefix(keys, pe)`. Returns (tokens (B, N, C), image
+    /// (B, HW, C)).
+    pub fn forward(&self, keys: &Tensor, pe: &Tensor, tokens: &Tensor, prefix: &ImageProjections) -> (Tensor, Tensor) {
+        let (mut queries, mut keys) = self.layers[0].forward(tokens, keys, tokens, pe, Some(prefix));
+        for layer in &self.layers[1..] {
+            (queries, keys) = layer.forward(&queries, &keys, tokens, pe, None);
         }
-        let q = &queries + point_embedding;
-        let k = &keys + &image_pe;
-        let queries = (&queries + self.final_attn_token_to_image.forward(&q, &k, &keys)).apply(&self.norm_final_attn);
+        let q = &queries + tokens;
+        let k = &keys + pe;
+        let attn = self.final_attn_token_to_image.tokens_to_image(&q, &k, &keys);
+        let queries = (&queries + attn).apply(&self.norm_final_attn);
         (queries, keys)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind};
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b).abs().max().double_value(&[])
+    }
+
+    /// SAM's decoder attention (256 wide, 8 heads, internal width 128) with random weights.
+    fn attention(vs: &nn::VarStore) -> Attention {
+        let a = Attention::new(&vs.root(), 256, 8, 2);
+        tch::no_grad(|| {
+            for (_, mut v) in vs.variables() {
+                let _ = v.normal_(0.0, 0.1);
+            }
+        });
+        a
+    }
+
+    #[test]
+    fn folded_projections_equal_the_plain_attention() {
+        tch::manual_seed(1);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let a = attention(&vs);
+        let opts = (Kind::Float, Device::Cpu);
+        let image = Tensor::randn([1, 300, 256], opts);
+        let image2 = Tensor::randn([2, 300, 256], opts);
+        for n in [7, 15, 16, 20] {
+            let tokens = Tensor::randn([2, n, 256], opts);
+            assert_eq!(a.few_tokens(n), n < 16);
+            for img in [&image, &image2] {
+                // Token to image, with the image shared (batch 1) or one per prompt.
+                let want = a.forward(&tokens, img, img);
+                let got = a.tokens_to_image(&tokens, img, img);
+                assert_eq!(got.size(), want.size());
+                assert!(max_diff(&got, &want) < 1e-4, "tokens_to_image, n = {n}: {}", max_diff(&got, &want));
+                // Image to token, from raw image tokens and from cached query projections.
+                let want = a.forward(img, &tokens, &tokens);
+                let raw = a.image_to_tokens(ImageQueries::Raw(img), &tokens, &tokens);
+                let projected = img.apply(&a.q_proj);
+                let cached = a.image_to_tokens(ImageQueries::Projected(&projected), &tokens, &tokens);
+                assert_eq!(raw.size(), want.size());
+                assert!(max_diff(&raw, &want) < 1e-4, "image_to_tokens raw, n = {n}: {}", max_diff(&raw, &want));
+                assert!(max_diff(&cached, &want) < 1e-4, "image_to_tokens cached, n = {n}: {}", max_diff(&cached, &want));
+            }
+        }
     }
 }
