@@ -27,7 +27,7 @@ for v in $VARIANTS; do
   "$PY" scripts/bench_official.py --device "$DEVICE" --variant "$v" --checkpoint "$ckpt" --embed-repeat "$EMBED_REPEAT" --image $IMAGE --box $BOX --point $POINT \
     | tee -a "$out/results.jsonl"
   if [ "${OFFICIAL_MALLOC:-1}" = 1 ]; then
-    MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824 MALLOC_TOP_PAD_=67108864 \
+    MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1073741824 MALLOC_TOP_PAD_=67108864 \
       "$PY" scripts/bench_official.py --device "$DEVICE" --variant "$v" --checkpoint "$ckpt" --embed-repeat "$EMBED_REPEAT" \
       --image $IMAGE --box $BOX --point $POINT --label official+malloc | tee -a "$out/results.jsonl"
   fi

@@ -61,15 +61,17 @@ pub fn cuda_index(device: &str) -> Option<usize> {
 /// Keeps freed memory in the process instead of handing it back to the kernel at once. libtorch
 /// allocates and frees tensors of megabytes per layer; with glibc's defaults each one came back
 /// from the kernel as fresh pages, page fault by page fault: for vit_b's encoder that was 14-18 s
-/// of system time per two embeddings on 2 cores, against 1.6 s with these settings. The price is
-/// a resident size that stays near its peak after a burst.
+/// of system time per two embeddings on 2 cores, against under 2 s with these settings. The price
+/// is a resident size that stays near its peak after a burst (the peak itself did not grow).
 pub fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator parameters; it is called before any other thread
     // exists, and the values are within glibc's documented ranges.
     unsafe {
-        // 32 MiB, glibc's largest mmap threshold: blocks up to it come from the heap, reused.
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        // No mmap'd blocks at all: glibc caps the mmap threshold at 32 MiB, and vit_b's MLP and
+        // qkv outputs (45-50 MB) would still be mapped and faulted in afresh every block. A
+        // request no thread arena can hold falls back to the main heap.
+        libc::mallopt(libc::M_MMAP_MAX, 0);
         // Trim the heap's free top only past 1 GiB, and grow it 64 MiB at a time.
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
         libc::mallopt(libc::M_TOP_PAD, 64 << 20);
