@@ -45,8 +45,7 @@ impl ImageEmbedding {
 
     /// Bytes held: the embedding and its decoder prefix.
     pub fn nbytes(&self) -> u64 {
-        let f = (self.features.numel() * self.features.kind().elt_size_in_bytes()) as u64;
-        f + self.prefix.as_ref().map_or(0, ImageProjections::nbytes)
+        crate::model::tensor_bytes(&self.features) + self.prefix.as_ref().map_or(0, ImageProjections::nbytes)
     }
 }
 

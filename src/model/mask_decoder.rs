@@ -43,7 +43,13 @@ impl MaskDecoder {
             upscale_ln1: LayerNorm2d::new(&(&up / 1), dim / 4),
             upscale_conv3: nn::conv_transpose2d(&up / 3, dim / 4, dim / 8, 2, s2),
             output_hypernetworks_mlps: (0..num_mask_tokens).map(|i| Mlp::new(&(&hyper / i), dim, dim, dim / 8, 3)).collect(),
-            iou_prediction_head: Mlp::new(&(p / "iou_prediction_head"), dim, cfg.iou_head_hidden_dim, num_mask_tokens, cfg.iou_head_depth),
+            iou_prediction_head: Mlp::new(
+                &(p / "iou_prediction_head"),
+                dim,
+                cfg.iou_head_hidden_dim,
+                num_mask_tokens,
+                cfg.iou_head_depth,
+            ),
         }
     }
 

@@ -147,27 +147,27 @@ pub struct ImageProjections {
 }
 
 impl ImageProjections {
+    /// The same operation on each of the three tensors.
+    fn map(&self, f: impl Fn(&Tensor) -> Tensor) -> Self {
+        Self { t2i_k: f(&self.t2i_k), t2i_v: f(&self.t2i_v), i2t_q: f(&self.i2t_q) }
+    }
+
     pub fn shallow_clone(&self) -> Self {
-        Self { t2i_k: self.t2i_k.shallow_clone(), t2i_v: self.t2i_v.shallow_clone(), i2t_q: self.i2t_q.shallow_clone() }
+        self.map(Tensor::shallow_clone)
     }
 
     /// A copy that owns its storage (not a view into a batch).
     pub fn copy(&self) -> Self {
-        Self { t2i_k: self.t2i_k.copy(), t2i_v: self.t2i_v.copy(), i2t_q: self.i2t_q.copy() }
+        self.map(Tensor::copy)
     }
 
+    /// Images `start..start + len` of a batch's projections.
     pub fn narrow(&self, start: i64, len: i64) -> Self {
-        let n = |t: &Tensor| t.narrow(0, start, len);
-        Self { t2i_k: n(&self.t2i_k), t2i_v: n(&self.t2i_v), i2t_q: n(&self.i2t_q) }
+        self.map(|t| t.narrow(0, start, len))
     }
 
     pub fn nbytes(&self) -> u64 {
-        [&self.t2i_k, &self.t2i_v, &self.i2t_q].iter().map(|t| (t.numel() * t.kind().elt_size_in_bytes()) as u64).sum()
-    }
-
-    pub fn to_device(&self, device: tch::Device) -> Self {
-        let d = |t: &Tensor| t.to_device(device);
-        Self { t2i_k: d(&self.t2i_k), t2i_v: d(&self.t2i_v), i2t_q: d(&self.i2t_q) }
+        [&self.t2i_k, &self.t2i_v, &self.i2t_q].into_iter().map(super::tensor_bytes).sum()
     }
 }
 
@@ -263,7 +263,9 @@ impl TwoWayTransformer {
     pub fn new(p: &nn::Path, depth: i64, dim: i64, heads: i64, mlp_dim: i64, downsample: i64) -> Self {
         let lp = p / "layers";
         Self {
-            layers: (0..depth).map(|i| TwoWayAttentionBlock::new(&(&lp / i), dim, heads, mlp_dim, downsample, i == 0)).collect(),
+            layers: (0..depth)
+                .map(|i| TwoWayAttentionBlock::new(&(&lp / i), dim, heads, mlp_dim, downsample, i == 0))
+                .collect(),
             final_attn_token_to_image: Attention::new(&(p / "final_attn_token_to_image"), dim, heads, downsample),
             norm_final_attn: nn::layer_norm(p / "norm_final_attn", vec![dim], Default::default()),
         }
