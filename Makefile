@@ -2,7 +2,7 @@
 # Both first install libtorch (PyPI wheel torch==2.13.0) into .venv when missing.
 SHELL := /bin/bash
 
-.PHONY: env serve test bench parity-vit-b loadgen helm-check
+.PHONY: env serve test bench parity-vit-b loadgen helm-check fuzz
 
 env:
 	@scripts/setup-env.sh
@@ -12,12 +12,14 @@ serve: env
 
 # Rust tests (parity, checkpoints, bad input, predictor, in-process server), then a Python
 # client generated from proto/ against the real binary (and promtool on /metrics if installed),
-# then the Helm chart checks (scripts/helm-check.sh).
+# then the Helm chart checks (scripts/helm-check.sh), then a one-minute cargo-fuzz session over
+# the request conversion (scripts/fuzz.sh).
 test: env
 	cargo test
 	cargo build
 	.venv/bin/python scripts/python_client_test.py target/debug/skinsam
 	scripts/helm-check.sh
+	scripts/fuzz.sh
 
 # Speed and memory against the official package, side by side (see BENCHMARKS.md).
 bench: env
@@ -36,3 +38,7 @@ parity-vit-b: env
 # the Kubernetes schemas, and check that bad values are refused. Fetches helm into .tools/.
 helm-check:
 	scripts/helm-check.sh
+
+# Fuzz the request conversion for longer: FUZZ_SECONDS=600 make fuzz.
+fuzz: env
+	scripts/fuzz.sh

@@ -70,9 +70,11 @@ async fn connect(url: &str) -> Result<tonic::transport::Channel> {
         .map_err(|e| Error::Unavailable(format!("connecting to {url}: {e}")))
 }
 
-/// Embeds `image` once, then sends `total` Segment requests by handle from `concurrency`
-/// concurrent clients (each request: `prompts` copies of `prompt`, PNG masks).
-pub async fn segment_load(url: &str, model: &str, image: Vec<u8>, prompt: &Prompt, prompts: usize, concurrency: usize, total: usize) -> Result<LatencyReport> {
+type SegmentClient = pb::segmentation_service_client::SegmentationServiceClient<tonic::transport::Channel>;
+
+/// Embeds `image` once on the server; a client and the Segment request (by that embedding's
+/// handle: `prompts` copies of `prompt`, multimask, PNG mask) to send against it.
+async fn by_handle(url: &str, model: &str, image: Vec<u8>, prompt: &Prompt, prompts: usize) -> Result<(SegmentClient, pb::SegmentRequest)> {
     let ch = connect(url).await?;
     let mut emb = pb::embedding_service_client::EmbeddingServiceClient::new(ch.clone()).max_decoding_message_size(64 << 20);
     let handle = emb
@@ -89,8 +91,14 @@ pub async fn segment_load(url: &str, model: &str, image: Vec<u8>, prompt: &Promp
         mask_format: pb::MaskFormat::Png as i32,
         ..Default::default()
     };
+    Ok((SegmentClient::new(ch).max_decoding_message_size(64 << 20), req))
+}
+
+/// Embeds `image` once, then sends `total` Segment requests by handle from `concurrency`
+/// concurrent clients (each request: `prompts` copies of `prompt`, PNG masks).
+pub async fn segment_load(url: &str, model: &str, image: Vec<u8>, prompt: &Prompt, prompts: usize, concurrency: usize, total: usize) -> Result<LatencyReport> {
+    let (mut seg, req) = by_handle(url, model, image, prompt, prompts).await?;
     // Warm-up, outside the measurement.
-    let mut seg = pb::segmentation_service_client::SegmentationServiceClient::new(ch.clone()).max_decoding_message_size(64 << 20);
     seg.segment(req.clone()).await.map_err(|s| Error::Unavailable(format!("segment: {s}")))?;
     let per_client = total.div_ceil(concurrency.max(1));
     let start = Instant::now();
@@ -174,8 +182,45 @@ pub async fn new_image_load(url: &str, model: &str, images: Vec<Vec<u8>>, concur
     Ok(report(if segment.is_some() { "grpc_segment_new_image" } else { "grpc_embed" }, model, concurrency, 1, lat, errors, start.elapsed()))
 }
 
-/// The same decode as a Segment request, in-process: predict (best mask post-processed) and
-/// PNG encoding, sequentially.
+/// The decode a Segment request runs, done in-process: predict (best mask post-processed) and
+/// PNG encoding of each prompt's mask.
+struct InProcess {
+    predictor: Predictor,
+    emb: crate::predictor::ImageEmbedding,
+    batch: Vec<Prompt>,
+    size: (u32, u32),
+}
+
+impl InProcess {
+    fn new(variant: SamVariant, checkpoint: Option<&Path>, device: tch::Device, image: &Path, prompt: &Prompt, prompts: usize) -> Result<Self> {
+        let bytes = std::fs::read(image).map_err(|e| Error::Internal(format!("{}: {e}", image.display())))?;
+        let img = crate::image_io::decode_rgb(&bytes, "image", u64::MAX)?;
+        let sam = match checkpoint {
+            Some(c) => Sam::load(variant, c, device)?.0,
+            None => tch::no_grad(|| Sam::new(variant, device)),
+        };
+        let predictor = Predictor::new(sam);
+        let emb = predictor.set_image(&img)?;
+        Ok(Self { predictor, emb, batch: vec![prompt.clone(); prompts], size: (img.height(), img.width()) })
+    }
+
+    fn run(&self) -> Result<()> {
+        for pred in self.predictor.predict_masks(&self.emb, &self.batch, true, Masks::Best)? {
+            let m = Vec::<u8>::try_from(pred.best_mask().to_kind(tch::Kind::Uint8).flatten(0, -1))?;
+            crate::masks::to_png(&m, self.size.0, self.size.1)?;
+        }
+        Ok(())
+    }
+
+    /// One timed call, in milliseconds.
+    fn timed(&self) -> Result<f64> {
+        let t = Instant::now();
+        self.run()?;
+        Ok(t.elapsed().as_secs_f64() * 1e3)
+    }
+}
+
+/// The same decode as a Segment request, in-process, sequentially.
 pub fn in_process_decode(
     variant: SamVariant,
     checkpoint: Option<&Path>,
@@ -185,29 +230,104 @@ pub fn in_process_decode(
     prompts: usize,
     n: usize,
 ) -> Result<LatencyReport> {
-    let bytes = std::fs::read(image).map_err(|e| Error::Internal(format!("{}: {e}", image.display())))?;
-    let img = crate::image_io::decode_rgb(&bytes, "image", u64::MAX)?;
-    let sam = match checkpoint {
-        Some(c) => Sam::load(variant, c, device)?.0,
-        None => tch::no_grad(|| Sam::new(variant, device)),
-    };
-    let p = Predictor::new(sam);
-    let emb = p.set_image(&img)?;
-    let batch = vec![prompt.clone(); prompts];
-    let run = || -> Result<()> {
-        for pred in p.predict_masks(&emb, &batch, true, Masks::Best)? {
-            let m = Vec::<u8>::try_from(pred.best_mask().to_kind(tch::Kind::Uint8).flatten(0, -1))?;
-            crate::masks::to_png(&m, img.height(), img.width())?;
-        }
-        Ok(())
-    };
-    run()?;
+    let inproc = InProcess::new(variant, checkpoint, device, image, prompt, prompts)?;
+    inproc.run()?;
     let mut lat = Vec::with_capacity(n);
     let start = Instant::now();
     for _ in 0..n {
-        let t = Instant::now();
-        run()?;
-        lat.push(t.elapsed().as_secs_f64() * 1e3);
+        lat.push(inproc.timed()?);
     }
     Ok(report("in_process_decode", variant.name(), 1, prompts, lat, 0, start.elapsed()))
+}
+
+/// gRPC overhead measured in pairs: each pair is one Segment request to the server (by embedding
+/// handle, PNG mask) and the same decode in-process, back to back, the order alternating from
+/// pair to pair. On a machine whose speed drifts from minute to minute, the per-pair difference
+/// is what a separate run of each cannot give.
+#[derive(Serialize)]
+pub struct OverheadReport {
+    pub mode: &'static str,
+    pub model: String,
+    pub pairs: usize,
+    pub prompts_per_request: usize,
+    pub grpc_p50_ms: f64,
+    pub in_process_p50_ms: f64,
+    /// Percentiles of (gRPC - in-process) over the pairs.
+    pub overhead_p10_ms: f64,
+    pub overhead_p50_ms: f64,
+    pub overhead_p90_ms: f64,
+    /// The server's own account of each call (queue + compute on the model thread: decode,
+    /// post-processing, PNG), and the rest of the call's latency (gRPC both ways, protobuf,
+    /// the handler and the hand-over to the model thread), per call.
+    pub server_p50_ms: f64,
+    pub transport_p50_ms: f64,
+    pub transport_p99_ms: f64,
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn paired_overhead(
+    url: &str,
+    model_id: &str,
+    variant: SamVariant,
+    checkpoint: Option<&Path>,
+    device: tch::Device,
+    image: &Path,
+    prompt: &Prompt,
+    prompts: usize,
+    n: usize,
+) -> Result<OverheadReport> {
+    // Lets either side's idle worker threads stop spinning before the other side runs.
+    const PAUSE: Duration = Duration::from_millis(20);
+    let inproc = InProcess::new(variant, checkpoint, device, image, prompt, prompts)?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| Error::Internal(e.to_string()))?;
+    let bytes = std::fs::read(image).map_err(|e| Error::Internal(format!("{}: {e}", image.display())))?;
+    let (mut seg, req) = rt.block_on(by_handle(url, model_id, bytes, prompt, prompts))?;
+    // The call's latency and the part of it the server's model thread spent (queue + compute,
+    // as the response reports them).
+    let mut grpc_call = || -> Result<(f64, f64)> {
+        let t = Instant::now();
+        let r = rt.block_on(seg.segment(req.clone())).map_err(|s| Error::Unavailable(format!("segment: {s}")))?.into_inner();
+        let latency = t.elapsed().as_secs_f64() * 1e3;
+        let server = r.timing.map_or(f64::NAN, |t| t.queue_ms + t.compute_ms);
+        Ok((latency, server))
+    };
+    // Warm-up of both sides, outside the measurement.
+    grpc_call()?;
+    inproc.run()?;
+    let (mut grpc, mut local, mut diff) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    let (mut server, mut transport) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for i in 0..n {
+        std::thread::sleep(PAUSE);
+        let ((g, sv), l) = if i % 2 == 0 {
+            let g = grpc_call()?;
+            std::thread::sleep(PAUSE);
+            (g, inproc.timed()?)
+        } else {
+            let l = inproc.timed()?;
+            std::thread::sleep(PAUSE);
+            (grpc_call()?, l)
+        };
+        grpc.push(g);
+        local.push(l);
+        diff.push(g - l);
+        server.push(sv);
+        transport.push(g - sv);
+    }
+    for v in [&mut grpc, &mut local, &mut diff, &mut server, &mut transport] {
+        v.sort_by(f64::total_cmp);
+    }
+    Ok(OverheadReport {
+        mode: "paired_overhead",
+        model: model_id.to_owned(),
+        pairs: n,
+        prompts_per_request: prompts,
+        grpc_p50_ms: percentile(&grpc, 0.5),
+        in_process_p50_ms: percentile(&local, 0.5),
+        overhead_p10_ms: percentile(&diff, 0.1),
+        overhead_p50_ms: percentile(&diff, 0.5),
+        overhead_p90_ms: percentile(&diff, 0.9),
+        server_p50_ms: percentile(&server, 0.5),
+        transport_p50_ms: percentile(&transport, 0.5),
+        transport_p99_ms: percentile(&transport, 0.99),
+    })
 }

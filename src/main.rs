@@ -211,6 +211,12 @@ enum Command {
         prompts: usize,
         #[arg(long, default_value = "auto")]
         device: String,
+        /// Also a running server's model to pair with: each in-process decode alternates with the
+        /// same Segment request through gRPC, and the per-pair overhead is reported.
+        #[arg(long, requires = "server")]
+        paired_model: Option<String>,
+        #[arg(long, requires = "paired_model")]
+        server: Option<String>,
     },
     /// Mask agreement of a reduced precision with fp32 on real images (HAM10000 layout); prints JSON.
     PrecisionAgreement {
@@ -616,10 +622,16 @@ fn main() -> anyhow::Result<()> {
                 anyhow::Ok(())
             })?;
         }
-        Command::DecodeInproc { variant, checkpoint, image, r#box, point, n, prompts, device } => {
+        Command::DecodeInproc { variant, checkpoint, image, r#box, point, n, prompts, device, paired_model, server } => {
             let prompt = Prompt { points: vec![PointPrompt { x: point[0], y: point[1], label: 1 }], bbox: Some(r#box), mask_input: None };
-            let r = skinsam::loadgen::in_process_decode(variant, checkpoint.as_deref(), skinsam::device::parse_device(&device)?, &image, &prompt, prompts, n)?;
-            println!("{}", serde_json::to_string(&r)?);
+            let device = skinsam::device::parse_device(&device)?;
+            if let (Some(model), Some(server)) = (paired_model, server) {
+                let r = skinsam::loadgen::paired_overhead(&server, &model, variant, checkpoint.as_deref(), device, &image, &prompt, prompts, n)?;
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                let r = skinsam::loadgen::in_process_decode(variant, checkpoint.as_deref(), device, &image, &prompt, prompts, n)?;
+                println!("{}", serde_json::to_string(&r)?);
+            }
         }
         Command::PrecisionAgreement { variant, checkpoint, precision, data, n, device } => {
             let mut pairs = Vec::new();

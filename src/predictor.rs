@@ -182,52 +182,8 @@ impl Predictor {
             .collect())
     }
 
-    /// Checks a prompt and maps it to the model's input frame. Coordinates outside the image are
-    /// clipped to [0, width] x [0, height]; the prediction reports that it happened.
     fn validate(&self, p: &Prompt, field: &str, emb: &ImageEmbedding) -> Result<(Prompt, bool)> {
-        let (oh, ow) = emb.original_size;
-        let (ih, iw) = emb.input_size;
-        let (sx, sy) = (iw as f64 / ow as f64, ih as f64 / oh as f64);
-        let mut clipped = false;
-        let mut clip = |v: f32, max: i64| {
-            let c = v.clamp(0.0, max as f32);
-            clipped |= c != v;
-            c
-        };
-        let mut out = Prompt::default();
-        for (j, pt) in p.points.iter().enumerate() {
-            let f = format!("{field}.points[{j}]");
-            if !pt.x.is_finite() || !pt.y.is_finite() {
-                return Err(invalid(f, format!("coordinates ({}, {}) are not finite", pt.x, pt.y)));
-            }
-            if ![LABEL_FOREGROUND, LABEL_BACKGROUND, LABEL_PADDING].contains(&pt.label) {
-                return Err(invalid(format!("{f}.label"), format!("{} is not 1 (foreground), 0 (background) or -1 (padding)", pt.label)));
-            }
-            let (x, y) = (clip(pt.x, ow), clip(pt.y, oh));
-            out.points.push(PointPrompt { x: (x as f64 * sx) as f32, y: (y as f64 * sy) as f32, label: pt.label });
-        }
-        if let Some(b) = p.bbox {
-            let f = format!("{field}.box");
-            if b.iter().any(|v| !v.is_finite()) {
-                return Err(invalid(f, format!("{b:?} has a non-finite coordinate")));
-            }
-            if b[2] < b[0] || b[3] < b[1] {
-                return Err(invalid(f, format!("{b:?} has x1 < x0 or y1 < y0")));
-            }
-            let (x0, y0, x1, y1) = (clip(b[0], ow), clip(b[1], oh), clip(b[2], ow), clip(b[3], oh));
-            out.bbox = Some([(x0 as f64 * sx) as f32, (y0 as f64 * sy) as f32, (x1 as f64 * sx) as f32, (y1 as f64 * sy) as f32]);
-        }
-        if let Some(m) = &p.mask_input {
-            let side = self.sam.config.low_res_size();
-            if m.len() as i64 != side * side {
-                return Err(invalid(format!("{field}.mask_input"), format!("has {} values, expected {side}x{side}", m.len())));
-            }
-            if m.iter().any(|v| !v.is_finite()) {
-                return Err(invalid(format!("{field}.mask_input"), "has a non-finite value"));
-            }
-            out.mask_input = Some(m.clone());
-        }
-        Ok((out, clipped))
+        validate_prompt(p, field, emb.original_size, emb.input_size, self.sam.config.low_res_size())
     }
 
     /// Decodes prompts against one embedding. Prompts of the same shape share one decoder pass;
@@ -321,4 +277,53 @@ impl Predictor {
         }
         Ok(out)
     }
+}
+
+/// Checks a prompt and maps it to the model's input frame (`input_size`, the image resized from
+/// `original_size`); `low_res_side` is the side of the mask input. Coordinates outside the image
+/// are clipped to [0, width] x [0, height]; the returned flag says that it happened.
+pub fn validate_prompt(p: &Prompt, field: &str, original_size: (i64, i64), input_size: (i64, i64), low_res_side: i64) -> Result<(Prompt, bool)> {
+    let (oh, ow) = original_size;
+    let (ih, iw) = input_size;
+    let (sx, sy) = (iw as f64 / ow as f64, ih as f64 / oh as f64);
+    let mut clipped = false;
+    let mut clip = |v: f32, max: i64| {
+        let c = v.clamp(0.0, max as f32);
+        clipped |= c != v;
+        c
+    };
+    let mut out = Prompt::default();
+    for (j, pt) in p.points.iter().enumerate() {
+        let f = format!("{field}.points[{j}]");
+        if !pt.x.is_finite() || !pt.y.is_finite() {
+            return Err(invalid(f, format!("coordinates ({}, {}) are not finite", pt.x, pt.y)));
+        }
+        if ![LABEL_FOREGROUND, LABEL_BACKGROUND, LABEL_PADDING].contains(&pt.label) {
+            return Err(invalid(format!("{f}.label"), format!("{} is not 1 (foreground), 0 (background) or -1 (padding)", pt.label)));
+        }
+        let (x, y) = (clip(pt.x, ow), clip(pt.y, oh));
+        out.points.push(PointPrompt { x: (x as f64 * sx) as f32, y: (y as f64 * sy) as f32, label: pt.label });
+    }
+    if let Some(b) = p.bbox {
+        let f = format!("{field}.box");
+        if b.iter().any(|v| !v.is_finite()) {
+            return Err(invalid(f, format!("{b:?} has a non-finite coordinate")));
+        }
+        if b[2] < b[0] || b[3] < b[1] {
+            return Err(invalid(f, format!("{b:?} has x1 < x0 or y1 < y0")));
+        }
+        let (x0, y0, x1, y1) = (clip(b[0], ow), clip(b[1], oh), clip(b[2], ow), clip(b[3], oh));
+        out.bbox = Some([(x0 as f64 * sx) as f32, (y0 as f64 * sy) as f32, (x1 as f64 * sx) as f32, (y1 as f64 * sy) as f32]);
+    }
+    if let Some(m) = &p.mask_input {
+        let side = low_res_side;
+        if m.len() as i64 != side * side {
+            return Err(invalid(format!("{field}.mask_input"), format!("has {} values, expected {side}x{side}", m.len())));
+        }
+        if m.iter().any(|v| !v.is_finite()) {
+            return Err(invalid(format!("{field}.mask_input"), "has a non-finite value"));
+        }
+        out.mask_input = Some(m.clone());
+    }
+    Ok((out, clipped))
 }

@@ -187,6 +187,15 @@ async fn evaluate_rejects_bad_requests_with_clear_statuses() {
             Code::InvalidArgument,
             "max_scale",
         ),
+        (
+            pb::EvaluateSettings {
+                prompts: Some(pb::PromptSimulation { max_shift: Some(f32::NAN), ..Default::default() }),
+                ..eval_settings(&["tiny-random"])
+            },
+            dataset(),
+            Code::InvalidArgument,
+            "prompts.max_shift",
+        ),
         (pb::EvaluateSettings { shard_index: 3, shard_count: 2, ..eval_settings(&["tiny-random"]) }, dataset(), Code::InvalidArgument, "shard"),
     ];
     for (settings, ds, code, needle) in cases {

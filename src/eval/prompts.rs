@@ -68,6 +68,25 @@ impl Default for SimParams {
     }
 }
 
+/// Bound on `margin` and `max_shift`: far beyond any image, small enough that scaling to an
+/// image's width stays finite (an infinite shift would make the random range invalid).
+pub const MAX_SIM_PIXELS: f32 = 1e6;
+
+impl SimParams {
+    /// Checks the parameters before any prompt is drawn; `field` prefixes the field names.
+    pub fn validate(&self, field: &str) -> crate::error::Result<()> {
+        for (name, v) in [("margin", self.margin), ("max_shift", self.max_shift)] {
+            if !(v.is_finite() && (0.0..=MAX_SIM_PIXELS).contains(&v)) {
+                return Err(crate::error::invalid(format!("{field}.{name}"), format!("{v} is not in [0, {MAX_SIM_PIXELS}] pixels")));
+            }
+        }
+        if !(self.max_scale.is_finite() && (0.0..1.0).contains(&self.max_scale)) {
+            return Err(crate::error::invalid(format!("{field}.max_scale"), format!("{} is not in [0, 1)", self.max_scale)));
+        }
+        Ok(())
+    }
+}
+
 /// The prompts given to the model for one image, in image pixels.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct SimPrompt {

@@ -112,14 +112,7 @@ pub fn validate(registry: &Registry, r: &EvalRequest) -> Result<()> {
             registry.get(m)?;
         }
     }
-    let p = &r.params;
-    if !(p.margin.is_finite() && p.margin >= 0.0 && p.max_shift.is_finite() && p.max_shift >= 0.0) {
-        return Err(invalid("prompts", "margin and max_shift must be finite and >= 0"));
-    }
-    if !(p.max_scale.is_finite() && (0.0..1.0).contains(&p.max_scale)) {
-        return Err(invalid("prompts.max_scale", "must be in [0, 1)"));
-    }
-    Ok(())
+    r.params.validate("prompts")
 }
 
 /// Reads the dataset's items as inputs (each read on the blocking pool); unreadable ones become

@@ -1,7 +1,7 @@
 //! Proto messages <-> engine types, with validation that names the offending field.
 
 use super::pb;
-use crate::engine::{EmbeddingFormat, ModelInfo, ModelState};
+use crate::engine::{EmbeddingFormat, MaskEncoding, ModelInfo, ModelState, Source};
 use crate::error::{invalid, Result};
 use crate::model::{Precision, SamVariant};
 use crate::predictor::{PointPrompt, Prompt};
@@ -100,4 +100,19 @@ pub fn mask_format(f: i32, field: &str) -> Result<(bool, bool)> {
         Ok(pb::MaskFormat::PngAndRle) => Ok((true, true)),
         Err(_) => Err(invalid(field, format!("{f} is not a MaskFormat value"))),
     }
+}
+
+/// A SegmentRequest's parts, checked: where the image comes from, the prompts, the mask encodings.
+pub fn segment_request_from_pb(r: &pb::SegmentRequest) -> Result<(Source, Vec<Prompt>, MaskEncoding)> {
+    if r.model_id.is_empty() {
+        return Err(invalid("model_id", "is empty"));
+    }
+    let source = match &r.source {
+        Some(pb::segment_request::Source::EmbeddingHandle(h)) => Source::Handle(h.clone()),
+        Some(pb::segment_request::Source::Image(b)) => Source::Image(b.clone()),
+        None => return Err(invalid("source", "set embedding_handle or image")),
+    };
+    let prompts = r.prompts.iter().enumerate().map(|(i, p)| prompt_from_pb(p, &format!("prompts[{i}]"))).collect::<Result<Vec<_>>>()?;
+    let (png, rle) = mask_format(r.mask_format, "mask_format")?;
+    Ok((source, prompts, MaskEncoding { png, rle }))
 }

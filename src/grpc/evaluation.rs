@@ -42,7 +42,7 @@ pub fn mode_to_pb(m: PromptMode) -> pb::PromptMode {
 }
 
 /// The request's settings with the paper's defaults filled in.
-fn request_from_pb(s: &pb::EvaluateSettings, max_pixels: u64) -> Result<EvalRequest> {
+pub fn request_from_pb(s: &pb::EvaluateSettings, max_pixels: u64) -> Result<EvalRequest> {
     let p = s.prompts.clone().unwrap_or_default();
     let d = SimParams::default();
     let params = SimParams {

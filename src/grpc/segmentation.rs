@@ -1,10 +1,9 @@
 //! SegmentationService: prompts against a cached embedding or an inline image.
 
-use super::convert::{mask_format, prompt_from_pb};
+use super::convert::segment_request_from_pb;
 use super::pb::{self, segmentation_service_server::SegmentationService};
 use super::{ordered_stream, to_status, Observe, ResponseStream};
-use crate::engine::{MaskEncoding, Registry, Source};
-use crate::error::{invalid, Error};
+use crate::engine::Registry;
 use tonic::{Request, Response, Status, Streaming};
 
 pub struct Segmentation {
@@ -12,21 +11,7 @@ pub struct Segmentation {
 }
 
 async fn run(registry: &Registry, r: pb::SegmentRequest) -> Result<pb::SegmentResponse, Status> {
-    let parse = || -> Result<_, Error> {
-        if r.model_id.is_empty() {
-            return Err(invalid("model_id", "is empty"));
-        }
-        let source = match r.source.clone() {
-            Some(pb::segment_request::Source::EmbeddingHandle(h)) => Source::Handle(h),
-            Some(pb::segment_request::Source::Image(b)) => Source::Image(b),
-            None => return Err(invalid("source", "set embedding_handle or image")),
-        };
-        let prompts = r.prompts.iter().enumerate().map(|(i, p)| prompt_from_pb(p, &format!("prompts[{i}]"))).collect::<Result<Vec<_>, _>>()?;
-        let fmt = mask_format(r.mask_format, "mask_format")?;
-        Ok((source, prompts, fmt))
-    };
-    let (source, prompts, (png, rle)) = parse().map_err(to_status)?;
-    let encoding = MaskEncoding { png, rle };
+    let (source, prompts, encoding) = segment_request_from_pb(&r).map_err(to_status)?;
     let out = registry.segment(&r.model_id, source, prompts, r.multimask_output, r.return_low_res_logits, encoding).await.map_err(to_status)?;
     let (h, w) = (out.height, out.width);
     let masks = out

@@ -74,9 +74,6 @@ pub fn recipe_from_pb(r: &pb::TrainRecipe) -> Result<Recipe> {
         multimask: r.multimask,
     };
     recipe.validate()?;
-    if !(0.0..1.0).contains(&recipe.params.max_scale) || recipe.params.margin < 0.0 || recipe.params.max_shift < 0.0 {
-        return Err(invalid("recipe.prompts", "margin and max_shift must be >= 0, max_scale in [0, 1)"));
-    }
     Ok(recipe)
 }
 

@@ -154,6 +154,7 @@ impl Recipe {
         if self.multimask && !self.train_mask_decoder {
             return Err(invalid("recipe.multimask", "trains the mask decoder's outputs and IoU head: it needs train_mask_decoder"));
         }
+        self.params.validate("recipe.prompts")?;
         if self.multimask && self.loss_full_size {
             // The multimask and IoU terms are defined on the low-res logits only.
             return Err(invalid("recipe.multimask", "cannot be combined with loss_full_size"));
