@@ -314,13 +314,15 @@ pub fn dice_bce_per_mask(logits: &Tensor, target: &Tensor) -> (Tensor, Tensor) {
 }
 
 /// IoU of each output's mask (logits > 0) with the target, (B, K), as the IoU head should predict.
+/// Two empty masks agree exactly: 1, as in the evaluation's scores (eval::scores).
 fn actual_iou(logits: &Tensor, target: &Tensor) -> Tensor {
     let dims = [2i64, 3].as_slice();
     let p = logits.gt(0.0).to_kind(Kind::Float);
     let t = target.expand_as(&p);
     let inter = (&p * &t).sum_dim_intlist(dims, false, Kind::Float);
     let union = p.sum_dim_intlist(dims, false, Kind::Float) + t.sum_dim_intlist(dims, false, Kind::Float) - &inter;
-    inter / union.clamp_min(1.0)
+    let empty = union.eq(0.0);
+    (inter / union.clamp_min(1.0)).masked_fill(&empty, 1.0)
 }
 
 /// Runs (or resumes) a training job. `emit` gets every event and returns false once the client
@@ -633,6 +635,11 @@ mod tests {
         assert!(d[2] > d[1] && d[2] < d[0]);
         let iou = Vec::<f32>::try_from(actual_iou(&logits, &t).flatten(0, -1)).unwrap();
         assert_eq!(iou, [0.0, 1.0, 0.5]);
+        // Against an empty target: an empty output agrees exactly, a non-empty one not at all.
+        let none = Tensor::zeros([1, 1, 4, 4], (Kind::Float, Device::Cpu));
+        let empty_out = Tensor::full([1, 1, 4, 4], -20.0, (Kind::Float, Device::Cpu));
+        let iou = Vec::<f32>::try_from(actual_iou(&Tensor::cat(&[empty_out, logits.narrow(1, 2, 1)], 1), &none).flatten(0, -1)).unwrap();
+        assert_eq!(iou, [1.0, 0.0]);
         // The single-output form is the mean of the per-mask one.
         let (d1, b1) = dice_bce(&logits, &t);
         let mean = |v: &[f32]| v.iter().map(|&x| f64::from(x)).sum::<f64>() / v.len() as f64;
