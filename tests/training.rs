@@ -292,8 +292,8 @@ async fn one_run_per_device_and_bad_requests() {
     let rec = r.recipe.as_mut().unwrap();
     (rec.multimask, rec.loss_full_size) = (true, true);
     cases.push((r, Code::InvalidArgument, "recipe.multimask"));
-    // A NaN, infinite or negative shift (or a margin that overflows once scaled) used to reach
-    // the prompt simulation, whose random range then panicked the training thread.
+    // A NaN or infinite shift used to reach the prompt simulation, whose random range then
+    // panicked the training thread; margin and shift are now bounded as well as non-negative.
     for (i, (margin, shift, field)) in [(None, f32::NAN, "max_shift"), (None, f32::INFINITY, "max_shift"), (None, -1.0, "max_shift"), (Some(1e30), 30.0, "margin")].into_iter().enumerate() {
         let mut r = request(&format!("x13-{i}"), 1);
         r.recipe.as_mut().unwrap().prompts = Some(pb::PromptSimulation { margin, max_shift: Some(shift), ..Default::default() });
