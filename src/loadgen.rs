@@ -189,6 +189,8 @@ struct InProcess {
     emb: crate::predictor::ImageEmbedding,
     batch: Vec<Prompt>,
     size: (u32, u32),
+    /// The image file's bytes, for the gRPC side of a paired run to send.
+    image_bytes: Vec<u8>,
 }
 
 impl InProcess {
@@ -201,7 +203,7 @@ impl InProcess {
         };
         let predictor = Predictor::new(sam);
         let emb = predictor.set_image(&img)?;
-        Ok(Self { predictor, emb, batch: vec![prompt.clone(); prompts], size: (img.height(), img.width()) })
+        Ok(Self { predictor, emb, batch: vec![prompt.clone(); prompts], size: (img.height(), img.width()), image_bytes: bytes })
     }
 
     fn run(&self) -> Result<()> {
@@ -280,8 +282,7 @@ pub fn paired_overhead(
     const PAUSE: Duration = Duration::from_millis(20);
     let inproc = InProcess::new(variant, checkpoint, device, image, prompt, prompts)?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| Error::Internal(e.to_string()))?;
-    let bytes = std::fs::read(image).map_err(|e| Error::Internal(format!("{}: {e}", image.display())))?;
-    let (mut seg, req) = rt.block_on(by_handle(url, model_id, bytes, prompt, prompts))?;
+    let (mut seg, req) = rt.block_on(by_handle(url, model_id, inproc.image_bytes.clone(), prompt, prompts))?;
     // The call's latency and the part of it the server's model thread spent (queue + compute,
     // as the response reports them).
     let mut grpc_call = || -> Result<(f64, f64)> {
