@@ -13,10 +13,11 @@ serve: env
 # Rust tests (parity, checkpoints, bad input, predictor, in-process server), then a Python
 # client generated from proto/ against the real binary (and promtool on /metrics if installed),
 # then the Helm chart checks (scripts/helm-check.sh), then a one-minute cargo-fuzz session over
-# the request conversion (scripts/fuzz.sh).
+# the request conversion (scripts/fuzz.sh). `cargo test` builds target/debug/skinsam for the
+# integration tests already; a separate `cargo build` would rebuild dependencies without the
+# dev-dependencies' features (about 4 minutes) for the same program.
 test: env
 	cargo test
-	cargo build
 	.venv/bin/python scripts/python_client_test.py target/debug/skinsam
 	scripts/helm-check.sh
 	scripts/fuzz.sh

@@ -30,17 +30,8 @@ checkpoint = "$ckpt"
 dataset_roots = ["$(realpath "$DATA")"]
 embedding_store = "$out/store"
 TOML
-server=
-start_server() {
-  "$BIN" serve --config "$out/server.toml" >> "$out/server.log" 2>&1 &
-  server=$!
-  for _ in $(seq 300); do
-    "$BIN" models --server http://127.0.0.1:50197 2>/dev/null | grep -q Ready && return
-    sleep 1
-  done
-  echo "server did not become ready" >&2; exit 1
-}
-trap 'kill $server 2>/dev/null || true' EXIT
+. scripts/serve-bg.sh
+start_server() { serve_bg http://127.0.0.1:50197 "$out/server.log" --config "$out/server.toml"; }
 run() {  # run NAME SEED
   local t0 t1
   t0=$(date +%s.%N)
@@ -54,8 +45,8 @@ start_server
 run cold 0
 run cached_same_prompts 0
 run cached_new_prompts 1
-kill $server; wait $server 2>/dev/null || true
+kill $SERVER_PID; wait $SERVER_PID 2>/dev/null || true
 start_server
 run disk_store_new_prompts 2
-kill $server; wait $server 2>/dev/null || true
+kill $SERVER_PID; wait $SERVER_PID 2>/dev/null || true
 trap - EXIT

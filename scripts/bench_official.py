@@ -12,9 +12,9 @@ import time
 import numpy as np
 import torch
 from PIL import Image
-from segment_anything import SamPredictor, sam_model_registry
+from segment_anything import SamPredictor
 
-from make_random_checkpoint import build_skinsam_tiny
+from sam_builders import build
 
 
 def main():
@@ -32,11 +32,7 @@ def main():
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.variant == "skinsam_tiny":
-        sam = build_skinsam_tiny()
-        sam.load_state_dict(torch.load(args.checkpoint))
-    else:
-        sam = sam_model_registry[args.variant](checkpoint=args.checkpoint)
+    sam = build(args.variant, args.checkpoint)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     sam.to(args.device).eval()

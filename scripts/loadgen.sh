@@ -32,13 +32,9 @@ id = "tiny"
 variant = "tiny"
 checkpoint = "tests/fixtures/golden/sam_tiny.pth"
 TOML
-"$BIN" serve --config "$out/server.toml" > "$out/server.log" 2>&1 &
-server=$!
-trap 'kill $server 2>/dev/null || true' EXIT
-for _ in $(seq 300); do
-  [ "$("$BIN" models --server http://127.0.0.1:50199 2>/dev/null | grep -c Ready)" = 2 ] && break
-  sleep 1
-done
+: > "$out/server.log"
+. scripts/serve-bg.sh
+READY_MODELS=2 serve_bg http://127.0.0.1:50199 "$out/server.log" --config "$out/server.toml"
 "$BIN" loadgen --server http://127.0.0.1:50199 --model vit_b --image $IMAGE --box $BOX --point $POINT \
   --concurrency 1,8,32 --requests "$REQUESTS" | tee -a "$out/results.jsonl"
 "$BIN" loadgen --server http://127.0.0.1:50199 --model tiny --image $IMAGE --box $BOX --point $POINT \
@@ -51,7 +47,17 @@ if [ -n "${METRICS_ADDR:-}" ]; then
   python3 -c 'import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1]).read().decode())' \
     "http://$METRICS_ADDR/metrics" > "$out/metrics.txt" || true
 fi
-kill $server; wait $server 2>/dev/null || true
+kill $SERVER_PID; wait $SERVER_PID 2>/dev/null || true
+# The same pairs with OpenMP's threads sleeping instead of spin-waiting between parallel regions,
+# in the server and here: on 2 cores, this process's spinning threads otherwise slow the server's
+# decode (and its own in-process decode gains from them), which inflates the pair difference.
+OMP_WAIT_POLICY=PASSIVE READY_MODELS=2 serve_bg http://127.0.0.1:50199 "$out/server.log" --config "$out/server.toml"
+OMP_WAIT_POLICY=PASSIVE "$BIN" decode-inproc --variant vit_b --image $IMAGE --box $BOX --point $POINT --n "$REQUESTS" \
+  --device "${DEVICE:-auto}" --checkpoint "$CKPT" --server http://127.0.0.1:50199 --paired-model vit_b \
+  | "${PYTHON:-.venv/bin/python}" -c 'import json, sys
+for l in sys.stdin:
+    print(json.dumps({**json.loads(l), "omp_wait_policy": "PASSIVE"}), flush=True)' | tee -a "$out/results.jsonl"
+kill $SERVER_PID; wait $SERVER_PID 2>/dev/null || true
 trap - EXIT
 "$BIN" decode-inproc --variant vit_b --checkpoint "$CKPT" --image $IMAGE --box $BOX --point $POINT --n "$REQUESTS" \
   --device "${DEVICE:-auto}" | tee -a "$out/results.jsonl"

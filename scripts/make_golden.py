@@ -23,16 +23,14 @@ import argparse
 import json
 import os
 import shutil
-from functools import partial
 
 import numpy as np
 import torch
 from PIL import Image
 from safetensors.numpy import save_file
-from segment_anything import SamPredictor, sam_model_registry
-from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+from segment_anything import SamPredictor
 
-from make_random_checkpoint import build_skinsam_tiny
+from sam_builders import VARIANTS, build
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 IMAGES = os.path.join(HERE, "..", "tests", "fixtures", "images")
@@ -42,25 +40,6 @@ FIXTURES = [
     ("ISIC_0024311.png", "ISIC_0024311_segmentation.png"),
 ]
 SUBSAMPLE = 4
-
-
-def build_tiny():
-    """The `tiny` variant of src/model/variant.rs: vit_b's structure with narrow layers."""
-    dim = 32
-    return Sam(
-        image_encoder=ImageEncoderViT(
-            depth=2, embed_dim=32, img_size=1024, mlp_ratio=4,
-            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=2, patch_size=16,
-            qkv_bias=True, use_rel_pos=True, global_attn_indexes=[1], window_size=14, out_chans=dim),
-        prompt_encoder=PromptEncoder(
-            embed_dim=dim, image_embedding_size=(64, 64), input_image_size=(1024, 1024), mask_in_chans=16),
-        mask_decoder=MaskDecoder(
-            num_multimask_outputs=3,
-            transformer=TwoWayTransformer(depth=2, embedding_dim=dim, mlp_dim=64, num_heads=4),
-            transformer_dim=dim, iou_head_depth=3, iou_head_hidden_dim=32),
-        pixel_mean=[123.675, 116.28, 103.53],
-        pixel_std=[58.395, 57.12, 57.375],
-    )
 
 
 def randomise(sam):
@@ -95,19 +74,14 @@ def packbits(masks):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--variant", default="tiny", choices=["tiny", "skinsam_tiny", "vit_b", "vit_l", "vit_h"])
+    ap.add_argument("--variant", default="tiny", choices=VARIANTS)
     ap.add_argument("--checkpoint", help="trained weights (.safetensors) instead of random ones")
     ap.add_argument("--out", required=True)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
-    if args.variant == "tiny":
-        sam = build_tiny()
-    elif args.variant == "skinsam_tiny":
-        sam = build_skinsam_tiny()
-    else:
-        sam = sam_model_registry[args.variant]()
+    sam = build(args.variant)
     os.makedirs(args.out, exist_ok=True)
     if args.checkpoint:
         from safetensors.torch import load_file
