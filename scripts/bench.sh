@@ -56,4 +56,4 @@ for v in $VARIANTS; do
       --data "${AGREEMENT_DATA:-../shared/data/ham10000}" --n "${AGREEMENT_N:-20}" | tag 0
   done
 done
-"$PY" scripts/bench_summary.py "$out/results.jsonl" "$RUN_ID"
+"$PY" scripts/bench_summary.py "$out/results.jsonl" "$RUN_ID" >&2  # stdout stays JSON lines

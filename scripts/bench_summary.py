@@ -13,8 +13,12 @@ import sys
 from collections import defaultdict
 
 
+def dur(seconds):
+    return f"{seconds:.2f} s" if seconds >= 1 else f"{seconds * 1e3:.1f} ms"
+
+
 def seconds_range(values):
-    return f"{min(values):.2f}-{max(values):.2f} s" if len(values) > 1 else f"{values[0]:.2f} s"
+    return f"{dur(min(values))}-{dur(max(values))}" if len(values) > 1 else dur(values[0])
 
 
 def main():
@@ -55,8 +59,8 @@ def main():
                 pr = [rounds[k]["predict_ms"] / official[k]["predict_ms"] for k in rounds if k in official]
                 ratio = f"{statistics.median(er):.2f}x ({min(er):.2f}-{max(er):.2f})" if er else ""
                 pratio = f"{statistics.median(pr):.2f}x ({min(pr):.2f}-{max(pr):.2f})" if pr else ""
-            print(f"| {v} | {label} | {len(rounds)} | {statistics.median(embed):.2f} s | {seconds_range(embed)} | {ratio} "
-                  f"| {statistics.median(encoder):.2f} s | {statistics.median(predict):.1f} ms | {pratio} | {rss:.0f} MB |")
+            print(f"| {v} | {label} | {len(rounds)} | {dur(statistics.median(embed))} | {seconds_range(embed)} | {ratio} "
+                  f"| {dur(statistics.median(encoder))} | {statistics.median(predict):.1f} ms | {pratio} | {rss:.0f} MB |")
     if agreement:
         print()
         print("| variant | precision | images | mask IoU with fp32: mean | min | embedding relative error |")
