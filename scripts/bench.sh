@@ -26,11 +26,7 @@ PY=${PYTHON:-.venv/bin/python}
 if [ -z "${BIN:-}" ]; then cargo build --release -q; BIN=target/release/skinsam; fi
 # tag ROUND: adds the run id and the round to each JSON line, and appends it to the results.
 tag() {
-  "$PY" -c 'import json, sys
-for line in sys.stdin:
-    if line.strip():
-        print(json.dumps({**json.loads(line), "run": sys.argv[1], "round": int(sys.argv[2])}), flush=True)' "$RUN_ID" "$1" \
-    | tee -a "$out/results.jsonl"
+  "$PY" scripts/tag_lines.py "run=$RUN_ID" "round=$1" | tee -a "$out/results.jsonl"
 }
 for v in $VARIANTS; do
   ckpt="$out/sam_$v.pth"

@@ -12,12 +12,14 @@ import statistics
 import sys
 from collections import defaultdict
 
+from sam_builders import VARIANTS
+
 
 def dur(seconds):
     return f"{seconds:.2f} s" if seconds >= 1 else f"{seconds * 1e3:.1f} ms"
 
 
-def seconds_range(values):
+def dur_range(values):
     return f"{dur(min(values))}-{dur(max(values))}" if len(values) > 1 else dur(values[0])
 
 
@@ -38,16 +40,16 @@ def main():
             continue
         label = l["impl"] if l["impl"] != "skinsam" else f"skinsam {l['precision']}"
         timing[(l["variant"], label)][l["round"]] = l
-    variants = sorted({v for v, _ in timing}, key=lambda v: ["vit_b", "vit_l", "vit_h"].index(v) if v in ("vit_b", "vit_l", "vit_h") else 9)
+    variants = sorted({v for v, _ in timing}, key=VARIANTS.index)
     print()
     print("| variant | implementation | rounds | embed (set_image) median | range | ratio to official, per round: median (range) "
           "| encoder alone median | predict median | ratio | peak RSS |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for v in variants:
         official = timing.get((v, "official"), {})
-        for (vv, label), rounds in sorted(timing.items(), key=lambda kv: (kv[0][0] != v, kv[0][1] != "official", kv[0][1])):
-            if vv != v:
-                continue
+        # The official package first, then the others by name.
+        mine = sorted(((label, rounds) for (vv, label), rounds in timing.items() if vv == v), key=lambda x: (x[0] != "official", x[0]))
+        for label, rounds in mine:
             embed = [r["embed_ms"] / 1e3 for r in rounds.values()]
             encoder = [r["encoder_ms"] / 1e3 for r in rounds.values()]
             predict = [r["predict_ms"] for r in rounds.values()]
@@ -59,7 +61,7 @@ def main():
                 pr = [rounds[k]["predict_ms"] / official[k]["predict_ms"] for k in rounds if k in official]
                 ratio = f"{statistics.median(er):.2f}x ({min(er):.2f}-{max(er):.2f})" if er else ""
                 pratio = f"{statistics.median(pr):.2f}x ({min(pr):.2f}-{max(pr):.2f})" if pr else ""
-            print(f"| {v} | {label} | {len(rounds)} | {dur(statistics.median(embed))} | {seconds_range(embed)} | {ratio} "
+            print(f"| {v} | {label} | {len(rounds)} | {dur(statistics.median(embed))} | {dur_range(embed)} | {ratio} "
                   f"| {dur(statistics.median(encoder))} | {statistics.median(predict):.1f} ms | {pratio} | {rss:.0f} MB |")
     if agreement:
         print()

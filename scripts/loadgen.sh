@@ -54,9 +54,7 @@ kill $SERVER_PID; wait $SERVER_PID 2>/dev/null || true
 OMP_WAIT_POLICY=PASSIVE READY_MODELS=2 serve_bg http://127.0.0.1:50199 "$out/server.log" --config "$out/server.toml"
 OMP_WAIT_POLICY=PASSIVE "$BIN" decode-inproc --variant vit_b --image $IMAGE --box $BOX --point $POINT --n "$REQUESTS" \
   --device "${DEVICE:-auto}" --checkpoint "$CKPT" --server http://127.0.0.1:50199 --paired-model vit_b \
-  | "${PYTHON:-.venv/bin/python}" -c 'import json, sys
-for l in sys.stdin:
-    print(json.dumps({**json.loads(l), "omp_wait_policy": "PASSIVE"}), flush=True)' | tee -a "$out/results.jsonl"
+  | "${PYTHON:-.venv/bin/python}" scripts/tag_lines.py omp_wait_policy=PASSIVE | tee -a "$out/results.jsonl"
 kill $SERVER_PID; wait $SERVER_PID 2>/dev/null || true
 trap - EXIT
 "$BIN" decode-inproc --variant vit_b --checkpoint "$CKPT" --image $IMAGE --box $BOX --point $POINT --n "$REQUESTS" \

@@ -2,7 +2,8 @@
 # "$BIN serve" in the background with the given arguments, stops it when the script exits, and
 # waits until READY_MODELS of its models (default 1) are Ready, for at most READY_TIMEOUT seconds
 # (default 300: full-size checkpoints take a while to load and warm up on 2 cores).
-# Usage: serve_bg URL LOGFILE [serve arguments...]; the server's pid is in SERVER_PID.
+# Usage: serve_bg URL LOGFILE [serve arguments...]; the server's output is appended to LOGFILE
+# (a resumed run keeps the earlier log) and its pid is in SERVER_PID.
 serve_bg() {
   local url=$1 log=$2
   shift 2
