@@ -4,6 +4,7 @@ pub mod error;
 pub mod image_io;
 pub mod model;
 pub mod predictor;
+pub mod postprocess;
 
 pub use error::{Error, Result};
 pub mod parity;

@@ -1,7 +1,35 @@
 //! Small building blocks shared by the SAM modules (segment_anything/modeling/common.py).
 
 use tch::nn::{self, Module};
-use tch::Tensor;
+use tch::{Device, Kind, Tensor};
+
+/// Rows (tokens) from which a CPU fp32 linear layer runs as a 1x1 convolution ([`linear_with`]).
+const CONV_MIN_ROWS: i64 = 256;
+
+/// `x.apply(layer)`: a linear layer over the last axis of x.
+pub fn linear(x: &Tensor, layer: &nn::Linear) -> Tensor {
+    linear_with(x, &layer.ws, layer.bs.as_ref())
+}
+
+/// x (.., K) times weight (N, K) transposed, plus bias (N). On the CPU in fp32, for many rows,
+/// as a 1x1 convolution over the rows as channels-last pixels: libtorch sends fp32 linear
+/// layers to MKL, whose sgemm took 160-200 GFLOP/s for SAM's shapes on the 2-core AMD EPYC
+/// build machine, and convolutions to oneDNN, which took 310-430 GFLOP/s for the same products
+/// (`scripts/bench_gemm_paths.py`; `benchmarks/gemm-paths-cpu-2026-12-02.jsonl`). Same sums, in
+/// another order. bf16 products already go to oneDNN; few rows (the decoder's tokens) stay linear.
+pub fn linear_with(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
+    let mut shape = x.size();
+    let k = *shape.last().expect("linear input has a last axis");
+    let rows = if k > 0 { x.numel() as i64 / k } else { 0 };
+    if x.device() != Device::Cpu || x.kind() != Kind::Float || rows < CONV_MIN_ROWS {
+        return x.linear(weight, bias);
+    }
+    let n = weight.size()[0];
+    let pixels = x.reshape([1, 1, rows, k]).permute([0, 3, 1, 2]);
+    let out = pixels.conv2d(&weight.reshape([n, k, 1, 1]), bias, [1, 1], [0, 0], [1, 1], 1);
+    *shape.last_mut().expect("checked above") = n;
+    out.permute([0, 2, 3, 1]).reshape(shape)
+}
 
 /// LayerNorm over the channel axis of an NCHW tensor (eps 1e-6, as in the official code).
 #[derive(Debug)]
@@ -69,7 +97,7 @@ impl MlpBlock {
 
 impl Module for MlpBlock {
     fn forward(&self, x: &Tensor) -> Tensor {
-        self.act.apply(&x.apply(&self.lin1)).apply(&self.lin2)
+        linear(&self.act.apply(&linear(x, &self.lin1)), &self.lin2)
     }
 }
 

@@ -1,7 +1,7 @@
 //! Mask decoder (segment_anything/modeling/mask_decoder.py): IoU token + mask tokens through the
 //! two-way transformer, upscaled image features, per-token hypernetwork MLPs and an IoU head.
 
-use super::common::{LayerNorm2d, Mlp};
+use super::common::{linear_with, LayerNorm2d, Mlp};
 use super::transformer::{ImageProjections, TwoWayTransformer};
 use super::variant::SamConfig;
 use tch::nn;
@@ -123,7 +123,7 @@ impl MaskDecoder {
     fn upscaled_masks(&self, src: &Tensor, (h, w): (i64, i64), hyper_in: &Tensor) -> Tensor {
         let b = src.size()[0];
         let (w0, b0) = kernel_as_matrix(&self.upscale_conv0);
-        let x = b0.addmm(&src.reshape([-1, src.size()[2]]), &w0);
+        let x = linear_with(&src.reshape([-1, src.size()[2]]), &w0, Some(&b0));
         // Rows (b, i, j), columns (kh, kw, c1) -> rows (b, i, j, kh, kw), c1 columns.
         let c1 = self.upscale_ln1.weight.size()[0];
         let x = x
@@ -131,9 +131,9 @@ impl MaskDecoder {
             .layer_norm([c1], Some(&self.upscale_ln1.weight), Some(&self.upscale_ln1.bias), LayerNorm2d::EPS, false)
             .gelu("none");
         let (w1, b1) = kernel_as_matrix(&self.upscale_conv3);
-        let c2 = w1.size()[1] / (UPSCALE_STRIDE * UPSCALE_STRIDE);
+        let c2 = w1.size()[0] / (UPSCALE_STRIDE * UPSCALE_STRIDE);
         // Rows (b, i, j, kh1, kw1, kh2, kw2): output pixel (4i + 2kh1 + kh2, 4j + 2kw1 + kw2).
-        let x = b1.addmm(&x, &w1).gelu("none").view([b, -1, c2]);
+        let x = linear_with(&x, &w1, Some(&b1)).gelu("none").view([b, -1, c2]);
         let k = hyper_in.size()[1];
         let s = UPSCALE_STRIDE;
         x.matmul(&hyper_in.transpose(1, 2)).view(&[b, h, w, s, s, s, s, k][..]).permute([0, 7, 1, 3, 5, 2, 4, 6]).reshape([
@@ -148,13 +148,13 @@ impl MaskDecoder {
 /// Kernel size and stride of both transposed convolutions of `output_upscaling`.
 const UPSCALE_STRIDE: i64 = 2;
 
-/// A ConvTranspose2d with kernel = stride as a matrix product: weight (Cin, Cout, kh, kw) ->
-/// (Cin, kh * kw * Cout) with columns ordered (kh, kw, Cout), and the bias tiled to match.
+/// A ConvTranspose2d with kernel = stride as a linear layer: weight (Cin, Cout, kh, kw) ->
+/// (kh * kw * Cout, Cin) with rows ordered (kh, kw, Cout), and the bias tiled to match.
 fn kernel_as_matrix(conv: &nn::ConvTranspose2D) -> (Tensor, Tensor) {
     let (cin, cout, kh, kw) = conv.ws.size4().expect("ConvTranspose2d weight");
     debug_assert_eq!((kh, kw), (UPSCALE_STRIDE, UPSCALE_STRIDE));
     let bias = conv.bs.as_ref().expect("output_upscaling convolutions have a bias");
-    (conv.ws.permute([0, 2, 3, 1]).reshape([cin, kh * kw * cout]), bias.repeat([kh * kw]))
+    (conv.ws.permute([2, 3, 1, 0]).reshape([kh * kw * cout, cin]), bias.repeat([kh * kw]))
 }
 
 /// (B, C, H, W) -> tokens (B, HW, C), contiguous: a free view of a channels-last embedding
