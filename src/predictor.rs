@@ -81,6 +81,19 @@ pub struct Prediction {
     pub clipped: bool,
 }
 
+impl Prediction {
+    /// The same prediction, its tensors sharing storage with this one's.
+    pub fn shallow_clone(&self) -> Self {
+        Self {
+            masks: self.masks.shallow_clone(),
+            iou_predictions: self.iou_predictions.clone(),
+            low_res_logits: self.low_res_logits.shallow_clone(),
+            best: self.best,
+            clipped: self.clipped,
+        }
+    }
+}
+
 /// Which candidate masks to post-process to full resolution.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Masks {
@@ -138,11 +151,23 @@ impl Predictor {
         self.sam.device()
     }
 
-    /// The resized image as the (1, 3, h, w) u8 tensor the model pre-processes.
-    pub fn image_tensor(&self, image: &RgbImage) -> Result<Tensor> {
+    /// Whether `image` can be encoded: not empty, and not so elongated that its short side
+    /// resizes to nothing. Cheap: lets a batch of images refuse one without failing the others.
+    pub fn check_image(&self, image: &RgbImage) -> Result<()> {
         if image.width() == 0 || image.height() == 0 {
             return Err(invalid("image", "zero-sized image"));
         }
+        let target = self.sam.config.img_size;
+        let (h, w) = (image.height() as i64, image.width() as i64);
+        match preprocess_shape(h, w, target) {
+            (0, _) | (_, 0) => Err(invalid("image", format!("{w}x{h} is too elongated to resize to a {target}-px longest side"))),
+            _ => Ok(()),
+        }
+    }
+
+    /// The resized image as the (1, 3, h, w) u8 tensor the model pre-processes.
+    pub fn image_tensor(&self, image: &RgbImage) -> Result<Tensor> {
+        self.check_image(image)?;
         let resized = resize_longest_side(image, self.sam.config.img_size)?;
         let (w, h) = (resized.width() as i64, resized.height() as i64);
         let t = Tensor::from_slice(resized.as_raw()).view([h, w, 3]).permute([2, 0, 1]).unsqueeze(0);
@@ -223,6 +248,13 @@ impl Predictor {
         multimask_output: bool,
         which: Masks,
     ) -> Result<Vec<Prediction>> {
+        if n_points == 0 && !has_box && !has_mask && batch.len() > 1 {
+            // Prompts without points, box or mask are all the same prompt, and the decoder
+            // gives one output for them whatever their number: decode once, share the result.
+            let one = self.decode_group(emb, &batch[..1], (n_points, has_box, has_mask), multimask_output, which)?;
+            let p = one.into_iter().next().expect("one prompt decoded");
+            return Ok(batch.iter().map(|_| p.shallow_clone()).collect());
+        }
         let dev = self.device();
         let b = batch.len() as i64;
         let (coords, labels) = if n_points > 0 {

@@ -39,6 +39,8 @@ pub struct LimitSettings {
     pub queue_depth: usize,
     /// Prompts in one Segment request.
     pub max_prompts: usize,
+    /// Points in one prompt.
+    pub max_points: usize,
     /// Images encoded together when several embed requests wait (micro-batching).
     pub max_embed_batch: usize,
     /// Server-side deadline for one request, in milliseconds (a client deadline can shorten it).
@@ -50,7 +52,8 @@ pub struct AuthSettings {
     /// Bearer token required on every RPC when set.
     #[serde(default)]
     pub token: Option<String>,
-    /// Bearer token required for admin RPCs (LoadModel, UnloadModel) when set.
+    /// Bearer token required for admin RPCs (LoadModel, UnloadModel, training) when set; it
+    /// also opens every other RPC.
     #[serde(default)]
     pub admin_token: Option<String>,
 }
@@ -157,6 +160,7 @@ max_message_bytes = 16777216
 max_image_pixels = 50000000
 queue_depth = 64
 max_prompts = 256
+max_points = 64
 max_embed_batch = 4
 request_timeout_ms = 120000
 "#;

@@ -137,6 +137,19 @@ fn corrupt_truncated_missing_and_unknown_files_are_errors() {
 }
 
 #[test]
+fn a_failed_write_is_an_internal_error_not_the_requests_fault() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-folder/w.safetensors");
+    let e = checkpoint::write_safetensors_atomic(&[("t", Tensor::zeros([2], (tch::Kind::Float, Device::Cpu)))], &missing, &missing.with_extension("tmp"))
+        .unwrap_err();
+    assert!(matches!(e, CheckpointError::Write { .. }), "{e}");
+    assert!(!missing.exists());
+    let status = skinsam::grpc::to_status(e.into());
+    assert_eq!(status.code(), tonic::Code::Internal);
+    assert!(!status.message().contains("no-such-folder"), "paths stay in the log: {status:?}");
+}
+
+#[test]
 fn variants_have_the_official_sizes() {
     // Parameter counts of build_sam's models (sam-facts.md: 93.7 M, 312.3 M, 641.1 M).
     for (v, millions) in [(SamVariant::VitB, 93.7), (SamVariant::VitL, 312.3), (SamVariant::VitH, 641.1)] {

@@ -154,6 +154,43 @@ async fn evaluate_upload_scores_streamed_images_and_skips_bad_ones() {
 }
 
 #[tokio::test]
+async fn an_upload_that_breaks_off_ends_the_run_with_an_error_not_a_final_summary() {
+    let mut settings = tiny_settings();
+    settings.limits.max_message_bytes = 200_000;
+    let s = start(settings, true).await;
+    let mut c = EvaluationServiceClient::new(channel(&s).await);
+    let ds = skinsam::eval::dataset::Dataset::open(&common::fixtures().join("ham_mini")).unwrap();
+    let image = |k: usize, bytes: Vec<u8>| pb::EvaluateUploadRequest {
+        item: Some(pb::evaluate_upload_request::Item::Image(pb::UploadedImage {
+            id: ds.items[k].id.clone(),
+            image: bytes,
+            mask: std::fs::read(&ds.items[k].mask).unwrap(),
+            label: String::new(),
+            group: String::new(),
+        })),
+    };
+    let msgs = vec![
+        pb::EvaluateUploadRequest { item: Some(pb::evaluate_upload_request::Item::Settings(eval_settings(&["tiny-random"]))) },
+        image(0, std::fs::read(&ds.items[0].image).unwrap()),
+        // Over the server's message limit: the stream breaks here.
+        image(1, vec![0u8; 300_000]),
+        image(2, std::fs::read(&ds.items[2].image).unwrap()),
+    ];
+    let mut stream = c.evaluate_upload(tokio_stream::iter(msgs)).await.unwrap().into_inner();
+    let mut finals = 0;
+    let status = loop {
+        match stream.message().await {
+            Ok(Some(m)) => finals += usize::from(matches!(m.event, Some(pb::evaluate_response::Event::Summary(s)) if s.r#final)),
+            Ok(None) => panic!("the run ended without an error"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(finals, 0, "no final summary over part of the data");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("item"), "{status:?}");
+}
+
+#[tokio::test]
 async fn evaluate_rejects_bad_requests_with_clear_statuses() {
     let s = start(settings_with_roots(None), true).await;
     let outside = std::env::temp_dir().display().to_string();

@@ -13,6 +13,8 @@ fn prompts() -> Vec<Prompt> {
         Prompt::default(),
         Prompt { bbox: Some([20.0, 30.0, 150.0, 120.0]), ..Default::default() },
         Prompt { points: vec![pt(30.0, 40.0, 1), pt(5.0, 5.0, 0)], ..Default::default() },
+        // A second no-prompt case: the decoder gives one output for any number of them.
+        Prompt::default(),
     ]
 }
 

@@ -117,6 +117,7 @@ async fn streams_keep_order_and_chunk_embeddings() {
 async fn bad_requests_get_clear_statuses() {
     let mut settings = tiny_settings();
     settings.limits.max_prompts = 4;
+    settings.limits.max_points = 3;
     let s = start(settings, true).await;
     let mut seg = SegmentationServiceClient::new(channel(&s).await);
     let handle = |h: &str| pb::segment_request::Source::EmbeddingHandle(h.into());
@@ -145,8 +146,57 @@ async fn bad_requests_get_clear_statuses() {
     let mut bad = seg_req(pb::segment_request::Source::Image(image()), 1);
     bad.prompts[0].points[0].x = f32::NAN;
     check(seg.segment(bad).await, Code::InvalidArgument, "not finite");
+    let mut bad = seg_req(pb::segment_request::Source::Image(image()), 2);
+    let p = bad.prompts[1].points[0].clone();
+    bad.prompts[1].points = vec![p; 4];
+    check(seg.segment(bad).await, Code::InvalidArgument, "prompts[1].points");
+    // Several no-prompt cases in one request are answered (they once crashed the model thread).
+    let mut empty = seg_req(pb::segment_request::Source::Image(image()), 3);
+    empty.prompts = vec![pb::Prompt::default(); 3];
+    assert_eq!(seg.segment(empty).await.unwrap().into_inner().masks.len(), 3);
     // The server still serves after all that.
     assert!(seg.segment(seg_req(pb::segment_request::Source::Image(image()), 1)).await.is_ok());
+}
+
+#[tokio::test]
+async fn a_response_over_the_message_limit_is_resource_exhausted() {
+    let mut settings = tiny_settings();
+    settings.limits.max_message_bytes = 40_000;
+    let s = start(settings, true).await;
+    let mut seg = SegmentationServiceClient::new(channel(&s).await);
+    // Four prompts with their low-res logits (a 64x64 float grid each for the tiny model).
+    let e = seg.segment(seg_req(pb::segment_request::Source::Image(image()), 4)).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("message limit"), "{e:?}");
+    // In a stream the same status ends it (not tonic's OUT_OF_RANGE); the server serves on.
+    let small = pb::SegmentRequest { return_low_res_logits: false, ..seg_req(pb::segment_request::Source::Image(image()), 1) };
+    let reqs = vec![seg_req(pb::segment_request::Source::Image(image()), 4), small.clone()];
+    let mut out = seg.segment_stream(tokio_stream::iter(reqs)).await.unwrap().into_inner();
+    assert_eq!(out.message().await.unwrap_err().code(), Code::ResourceExhausted);
+    assert!(seg.segment(small).await.is_ok());
+}
+
+#[tokio::test]
+async fn a_bad_image_in_an_embed_batch_fails_alone() {
+    let mut settings = tiny_settings();
+    settings.limits.max_embed_batch = 8;
+    let s = start(settings, true).await;
+    let emb = EmbeddingServiceClient::new(channel(&s).await);
+    // Decodes fine, but its short side resizes to nothing.
+    let mut thin = std::io::Cursor::new(Vec::new());
+    image::RgbImage::new(3000, 1).write_to(&mut thin, image::ImageFormat::Png).unwrap();
+    let thin = thin.into_inner();
+    let other = common::fixture_bytes("ISIC_0024311.png");
+    // Sent together, so that the model thread finds them queued and encodes them as one batch.
+    let calls = [image(), thin, other].into_iter().map(|bytes| {
+        let mut c = emb.clone();
+        async move { c.embed(pb::EmbedRequest { model_id: "tiny-random".into(), image: bytes, ..Default::default() }).await }
+    });
+    let results = futures::future::join_all(calls).await;
+    assert!(results[0].is_ok() && results[2].is_ok(), "{results:?}");
+    let e = results[1].as_ref().unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("elongated"), "{e:?}");
 }
 
 #[tokio::test]
@@ -214,6 +264,10 @@ async fn bearer_tokens_guard_rpcs_and_admin_rpcs() {
     let unload = pb::UnloadModelRequest { id: "tiny-random".into() };
     let e = models.unload_model(with("user-secret", unload.clone())).await.err().unwrap();
     assert!(matches!(e.code(), Code::PermissionDenied), "{e:?}");
+    // The admin token passes the interceptor too, for user and admin RPCs alike.
+    assert_eq!(models.list_models(with("admin-secret", pb::ListModelsRequest {})).await.unwrap().into_inner().models.len(), 1);
+    models.unload_model(with("admin-secret", unload)).await.unwrap();
+    assert!(models.list_models(with("user-secret", pb::ListModelsRequest {})).await.unwrap().into_inner().models.is_empty());
     // Health stays open for probes.
     let mut health = HealthClient::new(channel(&s).await);
     assert!(health.check(HealthCheckRequest { service: String::new() }).await.is_ok());

@@ -247,6 +247,12 @@ async fn one_run_per_device_and_bad_requests() {
     let e = c.train(request("second", 1)).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
     assert!(e.message().contains("long"), "{}", e.message());
+    // The same run cannot be started twice, even as a resume (its files are being written).
+    let mut again = request("long", 1);
+    again.resume = true;
+    let e = c.train(again).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(e.message().contains("is running"), "{}", e.message());
     drop(long);
     wait_idle(&s, &mut c, "long").await;
     let runs = c.list_runs(pb::ListRunsRequest {}).await.unwrap().into_inner().runs;
@@ -269,6 +275,9 @@ async fn one_run_per_device_and_bad_requests() {
     let mut r = request("x5", 1);
     r.recipe.as_mut().unwrap().val_fraction = Some(1.5);
     cases.push((r, Code::InvalidArgument, "val_fraction"));
+    let mut r = request("x5b", 1);
+    r.recipe.as_mut().unwrap().batch_size = 1_000_000;
+    cases.push((r, Code::InvalidArgument, "recipe.batch_size"));
     let mut r = request("x6", 1);
     r.recipe.as_mut().unwrap().learning_rate = Some(-1.0);
     cases.push((r, Code::InvalidArgument, "learning_rate"));

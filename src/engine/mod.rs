@@ -92,8 +92,37 @@ pub struct SegmentOutput {
     pub compute: Duration,
 }
 
+/// The answer channel of one command. Dropped unanswered (the model thread panicked while
+/// serving it, and unwound), it answers INTERNAL, so the caller is not told the model was unloaded.
+pub struct Reply<T>(Option<oneshot::Sender<Result<T>>>);
+
+impl<T> Reply<T> {
+    fn new(tx: oneshot::Sender<Result<T>>) -> Self {
+        Self(Some(tx))
+    }
+
+    pub fn send(mut self, r: Result<T>) {
+        if let Some(tx) = self.0.take() {
+            let _ = tx.send(r);
+        }
+    }
+
+    /// The caller went away (cancelled, deadline passed).
+    pub fn is_closed(&self) -> bool {
+        self.0.as_ref().is_none_or(|tx| tx.is_closed())
+    }
+}
+
+impl<T> Drop for Reply<T> {
+    fn drop(&mut self) {
+        if let Some(tx) = self.0.take() {
+            let _ = tx.send(Err(Error::Internal("the model thread failed while serving this request".into())));
+        }
+    }
+}
+
 pub enum Command {
-    Embed { image: Vec<u8>, format: EmbeddingFormat, enqueued: Instant, reply: oneshot::Sender<Result<EmbedOutput>> },
+    Embed { image: Vec<u8>, format: EmbeddingFormat, enqueued: Instant, reply: Reply<EmbedOutput> },
     Segment {
         source: Source,
         prompts: Vec<Prompt>,
@@ -101,7 +130,7 @@ pub enum Command {
         low_res: bool,
         encoding: MaskEncoding,
         enqueued: Instant,
-        reply: oneshot::Sender<Result<SegmentOutput>>,
+        reply: Reply<SegmentOutput>,
     },
 }
 
@@ -260,7 +289,7 @@ impl Registry {
 
     pub async fn embed(&self, id: &str, image: Vec<u8>, format: EmbeddingFormat) -> Result<EmbedOutput> {
         let (reply, rx) = oneshot::channel();
-        self.send(id, Command::Embed { image, format, enqueued: Instant::now(), reply })?;
+        self.send(id, Command::Embed { image, format, enqueued: Instant::now(), reply: Reply::new(reply) })?;
         rx.await.map_err(|_| Error::Unavailable(format!("model {id:?} was unloaded")))?
     }
 
@@ -281,9 +310,13 @@ impl Registry {
         if prompts.is_empty() {
             return Err(crate::error::invalid("prompts", "no prompt given (send an empty Prompt for the no-prompt case)"));
         }
+        let max = self.inner.settings.limits.max_points;
+        if let Some((i, p)) = prompts.iter().enumerate().find(|(_, p)| p.points.len() > max) {
+            return Err(crate::error::invalid(format!("prompts[{i}].points"), format!("{} points in one prompt, the limit is {max}", p.points.len())));
+        }
         let id = &self.route(id, &source);
         let (reply, rx) = oneshot::channel();
-        self.send(id, Command::Segment { source, prompts, multimask, low_res, encoding, enqueued: Instant::now(), reply })?;
+        self.send(id, Command::Segment { source, prompts, multimask, low_res, encoding, enqueued: Instant::now(), reply: Reply::new(reply) })?;
         rx.await.map_err(|_| Error::Unavailable(format!("model {id:?} was unloaded")))?
     }
 }
@@ -337,5 +370,20 @@ pub fn state_label(s: ModelState) -> &'static str {
         ModelState::Loading => "loading",
         ModelState::Ready => "ready",
         ModelState::Failed => "failed",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reply_dropped_unanswered_answers_internal() {
+        let (tx, mut rx) = oneshot::channel::<Result<u8>>();
+        drop(Reply::new(tx));
+        assert!(matches!(rx.try_recv(), Ok(Err(Error::Internal(_)))));
+        let (tx, mut rx) = oneshot::channel::<Result<u8>>();
+        Reply::new(tx).send(Ok(7));
+        assert!(matches!(rx.try_recv(), Ok(Ok(7))));
     }
 }

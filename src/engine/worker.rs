@@ -2,7 +2,7 @@
 
 use super::cache::{EmbeddingCache, Lookup};
 use super::store::image_key;
-use super::{Command, EmbedOutput, EmbeddingFormat, MaskEncoding, MaskOutput, ModelInfo, ModelState, Registry, SegmentOutput, Source};
+use super::{Command, EmbedOutput, Reply, EmbeddingFormat, MaskEncoding, MaskOutput, ModelInfo, ModelState, Registry, SegmentOutput, Source};
 use crate::error::{Error, Result};
 use crate::image_io::decode_rgb;
 use crate::masks::{to_png, to_rle};
@@ -25,7 +25,8 @@ struct Worker {
 
 pub(super) fn run(registry: Registry, ms: ModelSettings, device: Device, generation: u64, tx: mpsc::Sender<Command>, mut rx: mpsc::Receiver<Command>) {
     let id = ms.id.clone();
-    let loaded = tch::no_grad(|| load(&ms, device));
+    let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| tch::no_grad(|| load(&ms, device))))
+        .unwrap_or_else(|_| Err(Error::Internal("loading the model panicked (see the server log)".into())));
     let (worker, info) = match loaded {
         Ok((predictor, info)) => {
             let s = registry.settings();
@@ -46,7 +47,13 @@ pub(super) fn run(registry: Registry, ms: ModelSettings, device: Device, generat
         }
         Err(e) => {
             tracing::error!(model = %id, error = %e, "model failed to load");
-            registry.finish_load(&id, generation, Err(e.to_string()));
+            // Shown to clients (GetModel, UNAVAILABLE): a checkpoint problem as it is, a libtorch
+            // failure without its details.
+            let shown = match &e {
+                Error::Torch(_) | Error::Internal(_) => "internal error while loading (details in the server log)".to_owned(),
+                other => other.to_string(),
+            };
+            registry.finish_load(&id, generation, Err(shown));
             return;
         }
     };
@@ -102,43 +109,57 @@ impl Worker {
                     None => return,
                 },
             };
-            match cmd {
-                Command::Embed { image, format, enqueued, reply } => {
-                    // Micro-batching: encode the embed requests already waiting together.
-                    let mut batch = vec![(image, format, enqueued, reply)];
-                    while batch.len() < self.max_batch {
-                        match rx.try_recv() {
-                            Ok(Command::Embed { image, format, enqueued, reply }) => batch.push((image, format, enqueued, reply)),
-                            Ok(other) => {
-                                pending.push_back(other);
-                                break;
-                            }
-                            Err(_) => break,
-                        }
-                    }
-                    tch::no_grad(|| self.embed_batch(batch));
-                }
-                Command::Segment { source, prompts, multimask, low_res, encoding, enqueued, reply } => {
-                    if reply.is_closed() {
-                        continue; // the client went away
-                    }
-                    let queue = enqueued.elapsed();
-                    metrics::histogram!(m::QUEUE_SECONDS, "model" => self.id.clone()).record(queue.as_secs_f64());
-                    let t = Instant::now();
-                    let r = tch::no_grad(|| self.segment(source, &prompts, multimask, low_res, encoding)).map(|mut o| {
-                        o.queue = queue;
-                        o.compute = t.elapsed();
-                        o
-                    });
-                    let _ = reply.send(r);
-                }
+            // A panic (a libtorch error that tch unwraps, say) fails the request it happened in,
+            // not the model: the unwinding drops the command's Reply, which answers INTERNAL.
+            let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.handle(cmd, rx, &mut pending)));
+            if let Err(panic) = served {
+                let what = panic
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| panic.downcast_ref::<&str>().copied())
+                    .unwrap_or("a panic without a message");
+                tracing::error!(model = %self.id, error = %what, "the model thread failed on a request; it goes on serving");
             }
             metrics::gauge!(m::CACHE_BYTES, "model" => self.id.clone()).set(self.cache.bytes() as f64);
         }
     }
 
+    fn handle(&mut self, cmd: Command, rx: &mut mpsc::Receiver<Command>, pending: &mut std::collections::VecDeque<Command>) {
+        match cmd {
+            Command::Embed { image, format, enqueued, reply } => {
+                // Micro-batching: encode the embed requests already waiting together.
+                let mut batch = vec![(image, format, enqueued, reply)];
+                while batch.len() < self.max_batch {
+                    match rx.try_recv() {
+                        Ok(Command::Embed { image, format, enqueued, reply }) => batch.push((image, format, enqueued, reply)),
+                        Ok(other) => {
+                            pending.push_back(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                tch::no_grad(|| self.embed_batch(batch));
+            }
+            Command::Segment { source, prompts, multimask, low_res, encoding, enqueued, reply } => {
+                if reply.is_closed() {
+                    return; // the client went away
+                }
+                let queue = enqueued.elapsed();
+                metrics::histogram!(m::QUEUE_SECONDS, "model" => self.id.clone()).record(queue.as_secs_f64());
+                let t = Instant::now();
+                let r = tch::no_grad(|| self.segment(source, &prompts, multimask, low_res, encoding)).map(|mut o| {
+                    o.queue = queue;
+                    o.compute = t.elapsed();
+                    o
+                });
+                reply.send(r);
+            }
+        }
+    }
+
     /// Embeds (or finds cached) images; cache misses are encoded in one batch.
-    fn embed_batch(&mut self, batch: Vec<(Vec<u8>, EmbeddingFormat, Instant, tokio::sync::oneshot::Sender<Result<EmbedOutput>>)>) {
+    fn embed_batch(&mut self, batch: Vec<(Vec<u8>, EmbeddingFormat, Instant, Reply<EmbedOutput>)>) {
         let mut todo = Vec::new();
         for (bytes, format, enqueued, reply) in batch {
             if reply.is_closed() {
@@ -149,17 +170,17 @@ impl Worker {
             let key = image_key(&bytes);
             if let Some(emb) = self.cached(&key) {
                 let out = self.output(&key, emb, true, format, queue, Instant::now());
-                let _ = reply.send(out);
+                reply.send(out);
                 continue;
             }
             let t = Instant::now();
-            match decode_rgb(&bytes, "image", self.max_pixels) {
+            match decode_rgb(&bytes, "image", self.max_pixels).and_then(|img| self.predictor.check_image(&img).map(|()| img)) {
                 Ok(img) => {
                     stage(&self.id, "decode", t.elapsed());
                     todo.push((key, img, format, queue, reply, t));
                 }
                 Err(e) => {
-                    let _ = reply.send(Err(e));
+                    reply.send(Err(e));
                 }
             }
         }
@@ -179,13 +200,13 @@ impl Worker {
                         store.put(&key, &emb);
                     }
                     self.cache.insert(key.clone(), emb.shallow_clone());
-                    let _ = reply.send(self.output(&key, emb, false, format, queue, t0));
+                    reply.send(self.output(&key, emb, false, format, queue, t0));
                 }
             }
             Err(e) => {
                 tracing::error!(model = %self.id, error = %e, "encoding failed");
                 for (_, _, _, _, reply, _) in todo {
-                    let _ = reply.send(Err(Error::Internal("image encoding failed".into())));
+                    reply.send(Err(Error::Internal("image encoding failed".into())));
                 }
             }
         }

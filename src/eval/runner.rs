@@ -117,8 +117,8 @@ pub fn validate(registry: &Registry, r: &EvalRequest) -> Result<()> {
 
 /// Reads the dataset's items as inputs (each read on the blocking pool); unreadable ones become
 /// problems. Listing problems (an image without a mask) come first.
-pub fn dataset_inputs(ds: Dataset) -> impl futures::Stream<Item = std::result::Result<EvalInput, Problem>> + Send {
-    let problems = futures::stream::iter(ds.problems.into_iter().map(Err));
+pub fn dataset_inputs(ds: Dataset) -> impl futures::Stream<Item = InputResult> + Send {
+    let problems = futures::stream::iter(ds.problems.into_iter().map(|p| Err(Ok(p))));
     let items = futures::stream::iter(ds.items).then(|item| async move {
         let id = item.id.clone();
         tokio::task::spawn_blocking(move || -> Result<EvalInput> {
@@ -127,16 +127,20 @@ pub fn dataset_inputs(ds: Dataset) -> impl futures::Stream<Item = std::result::R
         .await
         .map_err(|e| Error::Internal(e.to_string()))
         .and_then(|r| r)
-        .map_err(|e| Problem { id, message: e.to_string() })
+        .map_err(|e| Ok(Problem { id, message: e.to_string() }))
     });
     problems.chain(items)
 }
+
+/// One input of a run: an image to score; Err(Ok(problem)) one to skip; Err(Err(e)) the end of
+/// the run (the inputs themselves failed, e.g. an upload stream broke off).
+pub type InputResult = std::result::Result<EvalInput, std::result::Result<Problem, Error>>;
 
 /// Runs the evaluation over `inputs`, sending events to `tx` until done or the receiver is gone.
 pub async fn run(
     registry: Registry,
     req: EvalRequest,
-    inputs: impl futures::Stream<Item = std::result::Result<EvalInput, Problem>> + Send,
+    inputs: impl futures::Stream<Item = InputResult> + Send,
     total: usize,
     tx: mpsc::Sender<Result<Event>>,
 ) {
@@ -152,7 +156,7 @@ pub async fn run(
             async move {
                 match input {
                     Ok(input) => evaluate_one(&registry, &req, i, input).await,
-                    Err(p) => Err(Ok(p)),
+                    Err(e) => Err(e),
                 }
             }
         })

@@ -12,7 +12,7 @@ use crate::eval::stats::Paired;
 use std::path::{Path, PathBuf};
 use tokio::sync::mpsc;
 use tokio_stream::{wrappers::ReceiverStream, StreamExt};
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Code, Request, Response, Status, Streaming};
 
 /// Events buffered before the evaluation waits for the client to read.
 const EVENT_BUFFER: usize = 16;
@@ -193,7 +193,7 @@ fn spawn_run(
     req: EvalRequest,
     settings: pb::EvaluateSettings,
     dataset: String,
-    inputs: impl futures::Stream<Item = std::result::Result<EvalInput, Problem>> + Send + 'static,
+    inputs: impl futures::Stream<Item = runner::InputResult> + Send + 'static,
     total: usize,
 ) -> ResponseStream<pb::EvaluateResponse> {
     let (tx, rx) = mpsc::channel(EVENT_BUFFER);
@@ -251,11 +251,23 @@ impl EvaluationService for Evaluation {
         }
         let eval = request_from_pb(&settings, self.registry.settings().limits.max_image_pixels).map_err(to_status)?;
         runner::validate(&self.registry, &eval).map_err(to_status)?;
-        let inputs = futures::stream::unfold(input, |mut input| async move {
+        // The state is None once the client's stream failed: the run ends there.
+        let inputs = futures::stream::unfold(Some(input), |input| async move {
+            let mut input = input?;
             let item = match input.message().await {
                 Ok(Some(m)) => m.item,
-                // End of the client's stream, or the client went away.
-                Ok(None) | Err(_) => return None,
+                Ok(None) => return None,
+                // Not the end of the data (a message over the size limit, a broken stream): the
+                // run must not finish as if every image had been sent. A client that went away
+                // reads nothing anyway.
+                Err(s) => {
+                    let message = format!("the upload stream broke off: {}", s.message());
+                    let e = match s.code() {
+                        Code::OutOfRange | Code::ResourceExhausted => Error::ResourceExhausted(format!("item: {message}")),
+                        _ => invalid("item", message),
+                    };
+                    return Some((Err(Err(e)), None));
+                }
             };
             let r = match item {
                 Some(pb::evaluate_upload_request::Item::Image(i)) if !i.id.is_empty() => Ok(EvalInput {
@@ -265,10 +277,10 @@ impl EvaluationService for Evaluation {
                     image: i.image,
                     mask: i.mask,
                 }),
-                Some(pb::evaluate_upload_request::Item::Image(_)) => Err(Problem { id: String::new(), message: "image.id is empty".into() }),
-                _ => Err(Problem { id: String::new(), message: "item: settings may only come first; send images".into() }),
+                Some(pb::evaluate_upload_request::Item::Image(_)) => Err(Ok(Problem { id: String::new(), message: "image.id is empty".into() })),
+                _ => Err(Ok(Problem { id: String::new(), message: "item: settings may only come first; send images".into() })),
             };
-            Some((r, input))
+            Some((r, Some(input)))
         });
         let echo = settings_echo(&settings, &eval);
         Ok(Response::new(spawn_run(self.registry.clone(), eval, echo, String::new(), inputs, 0)))

@@ -66,6 +66,10 @@ pub fn to_status(e: Error) -> Status {
         Error::ResourceExhausted(m) => Status::resource_exhausted(m),
         Error::Unavailable(m) => Status::unavailable(m),
         Error::FailedPrecondition(m) => Status::failed_precondition(m),
+        Error::Checkpoint(c @ crate::model::CheckpointError::Write { .. }) => {
+            tracing::error!(error = %c, "writing a file failed");
+            Status::internal("internal error (details in the server log)")
+        }
         Error::Checkpoint(c) => Status::invalid_argument(format!("checkpoint: {c}")),
         Error::Torch(t) => {
             tracing::error!(error = %t, "libtorch failure");
@@ -99,19 +103,25 @@ pub struct Observe {
     rpc: &'static str,
     model: String,
     start: Instant,
+    finished: bool,
 }
 
 impl Observe {
     pub fn start(rpc: &'static str, model: &str) -> Self {
         metrics::gauge!(m::IN_FLIGHT, "rpc" => rpc).increment(1.0);
-        Self { rpc, model: model.to_owned(), start: Instant::now() }
+        Self { rpc, model: model.to_owned(), start: Instant::now(), finished: false }
     }
 
-    pub fn finish<T>(self, r: &Result<T, Status>) {
+    pub fn finish<T>(mut self, r: &Result<T, Status>) {
         let code = match r {
             Ok(_) => Code::Ok,
             Err(s) => s.code(),
         };
+        self.record(code);
+    }
+
+    fn record(&mut self, code: Code) {
+        self.finished = true;
         metrics::histogram!(m::REQUEST_SECONDS, "rpc" => self.rpc, "model" => self.model.clone()).record(self.start.elapsed().as_secs_f64());
         metrics::counter!(m::REQUESTS_TOTAL, "rpc" => self.rpc, "code" => code_label(code)).increment(1);
     }
@@ -119,6 +129,11 @@ impl Observe {
 
 impl Drop for Observe {
     fn drop(&mut self) {
+        // Dropped unfinished: the call's future was dropped, because the client went away or
+        // the server's deadline passed; tonic answers CANCELLED for both.
+        if !self.finished {
+            self.record(Code::Cancelled);
+        }
         metrics::gauge!(m::IN_FLIGHT, "rpc" => self.rpc).decrement(1.0);
     }
 }

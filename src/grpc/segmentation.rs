@@ -4,6 +4,7 @@ use super::convert::segment_request_from_pb;
 use super::pb::{self, segmentation_service_server::SegmentationService};
 use super::{ordered_stream, to_status, Observe, ResponseStream};
 use crate::engine::Registry;
+use prost::Message;
 use tonic::{Request, Response, Status, Streaming};
 
 pub struct Segmentation {
@@ -27,14 +28,24 @@ async fn run(registry: &Registry, r: pb::SegmentRequest) -> Result<pb::SegmentRe
             clipped: mk.clipped,
         })
         .collect();
-    Ok(pb::SegmentResponse {
+    let resp = pb::SegmentResponse {
         request_id: r.request_id,
         embedding_handle: out.handle,
         height: h as i32,
         width: w as i32,
         masks,
         timing: Some(pb::Timing { queue_ms: out.queue.as_secs_f64() * 1e3, compute_ms: out.compute.as_secs_f64() * 1e3 }),
-    })
+    };
+    // Checked here: tonic's encoder would fail the call with OUT_OF_RANGE, and end a stream.
+    let max = registry.settings().limits.max_message_bytes;
+    let size = resp.encoded_len();
+    if size > max {
+        return Err(Status::resource_exhausted(format!(
+            "prompts: the response would be {size} bytes, over the {max}-byte message limit; send fewer prompts per \
+             request, or leave out return_low_res_logits or the PNG masks"
+        )));
+    }
+    Ok(resp)
 }
 
 #[tonic::async_trait]

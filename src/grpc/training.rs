@@ -140,6 +140,59 @@ fn status_from_disk(dir: &Path) -> Option<pb::RunStatus> {
     })
 }
 
+/// A run id taken in the run table while a Train request is being checked and started. Dropped
+/// without [`Self::keep`] (the request was refused), it puts back what the table held before.
+struct RunReservation<'a> {
+    runs: &'a DashMap<String, pb::RunStatus>,
+    run_id: String,
+    previous: Option<pb::RunStatus>,
+    kept: bool,
+}
+
+impl<'a> RunReservation<'a> {
+    fn take(runs: &'a DashMap<String, pb::RunStatus>, run_id: &str) -> Result<Self> {
+        let starting = pb::RunStatus { run_id: run_id.to_owned(), state: "starting".into(), ..Default::default() };
+        let previous = match runs.entry(run_id.to_owned()) {
+            dashmap::mapref::entry::Entry::Occupied(mut e) => {
+                if matches!(e.get().state.as_str(), "running" | "starting") {
+                    return Err(Error::FailedPrecondition(format!(
+                        "run {run_id:?} is {} on {}: wait for it, cancel it, or choose another run_id",
+                        e.get().state,
+                        if e.get().device.is_empty() { "this server" } else { e.get().device.as_str() }
+                    )));
+                }
+                Some(e.insert(starting))
+            }
+            dashmap::mapref::entry::Entry::Vacant(v) => {
+                v.insert(starting);
+                None
+            }
+        };
+        Ok(Self { runs, run_id: run_id.to_owned(), previous, kept: false })
+    }
+
+    /// The run started: `status` replaces the reservation.
+    fn keep(mut self, status: pb::RunStatus) {
+        self.runs.insert(self.run_id.clone(), status);
+        self.kept = true;
+    }
+}
+
+impl Drop for RunReservation<'_> {
+    fn drop(&mut self) {
+        if !self.kept {
+            match self.previous.take() {
+                Some(p) => {
+                    self.runs.insert(self.run_id.clone(), p);
+                }
+                None => {
+                    self.runs.remove(&self.run_id);
+                }
+            }
+        }
+    }
+}
+
 impl Training {
     fn start(&self, r: pb::TrainRequest) -> Result<ResponseStream<pb::TrainEvent>> {
         let recipe = recipe_from_pb(&r.recipe.unwrap_or_default())?;
@@ -156,12 +209,16 @@ impl Training {
         let settings = self.registry.settings();
         let dataset = allowed_dataset(&settings.eval.dataset_roots, &r.dataset)?;
         let run_id = if r.run_id.is_empty() {
-            format!("run-{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0))
+            // Milliseconds: two runs started in the same second on two devices get two ids.
+            format!("run-{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0))
         } else if valid_run_id(&r.run_id) {
             r.run_id.clone()
         } else {
             return Err(invalid("run_id", format!("{:?}: use 1-64 letters, digits, '-' or '_'", r.run_id)));
         };
+        // Held from here until the run's thread owns the id: a second request for the same run
+        // (a resume, or a new run in the folder not created yet) cannot start beside it.
+        let reservation = RunReservation::take(&self.runs, &run_id)?;
         let dir = settings.train.output_dir.join(&run_id);
         let has_last = train::checkpoint_path(&dir, train::LAST).exists();
         if r.resume && !has_last {
@@ -211,16 +268,23 @@ impl Training {
             device: device_label.clone(),
             ..Default::default()
         };
-        self.runs.insert(run_id.clone(), status);
         let (tx, rx) = mpsc::channel(EVENT_BUFFER);
         let this = self.clone();
         let precision = info.precision;
-        std::thread::Builder::new()
-            .name(format!("train-{run_id}"))
-            .spawn(move || {
-                this.run_thread(job, tx, device_label, precision);
-            })
-            .map_err(|e| Error::Internal(format!("spawning the training thread: {e}")))?;
+        let label = device_label.clone();
+        // The run's status is in the table before its thread updates it.
+        reservation.keep(status);
+        let spawned = std::thread::Builder::new().name(format!("train-{run_id}")).spawn(move || {
+            this.run_thread(job, tx, label, precision);
+        });
+        if let Err(e) = spawned {
+            self.busy.remove(&device_label);
+            if let Some(mut st) = self.runs.get_mut(&run_id) {
+                st.state = "failed".into();
+                st.error = "the training thread could not be started".into();
+            }
+            return Err(Error::Internal(format!("spawning the training thread: {e}")));
+        }
         Ok(Box::pin(ReceiverStream::new(rx)))
     }
 
@@ -258,7 +322,10 @@ impl Training {
                 }
             }
         };
-        let result = train::run(&job, emit, || tx.is_closed());
+        // A panic in the run (a libtorch error that tch unwraps) fails the run, not the server:
+        // the device is released and the client gets a status instead of a stream that just ends.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| train::run(&job, emit, || tx.is_closed())))
+            .unwrap_or_else(|_| Err(Error::Internal(format!("training run {run_id:?} panicked (see the server log)"))));
         self.busy.remove(&device_label);
         match result {
             Ok(fin) => {

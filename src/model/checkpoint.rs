@@ -16,6 +16,10 @@ pub enum CheckpointError {
     Format { path: PathBuf, format: &'static str, detail: String },
     #[error("checkpoint {path} has an unsupported extension (expected .pth, .pt or .safetensors)")]
     Extension { path: PathBuf },
+    /// Writing (training, conversion, the embedding store): the server's problem, not the
+    /// request's.
+    #[error("cannot write {path}: {detail}")]
+    Write { path: PathBuf, detail: String },
     #[error("checkpoint {path} is for {found}, not {expected}")]
     WrongVariant { path: PathBuf, expected: String, found: String },
     #[error("checkpoint {path} does not match the model: {problems}")]
@@ -213,14 +217,20 @@ pub fn load_strict(vs: &mut nn::VarStore, path: &Path) -> Result<Checkpoint, Che
 /// Writes named tensors as safetensors atomically: to `tmp`, fsync, then rename onto `path`, so a
 /// crash or a full disk never leaves a truncated file and the previous `path` stays intact.
 pub fn write_safetensors_atomic<T: AsRef<str>>(named: &[(T, Tensor)], path: &Path, tmp: &Path) -> Result<(), CheckpointError> {
-    Tensor::write_safetensors(named, tmp).map_err(|e| CheckpointError::Format {
-        path: tmp.to_owned(),
-        format: "safetensors",
-        detail: e.to_string(),
-    })?;
-    let io = |source| CheckpointError::Io { path: path.to_owned(), source };
-    std::fs::File::open(tmp).and_then(|f| f.sync_all()).map_err(io)?;
-    std::fs::rename(tmp, path).map_err(io)
+    let write = |detail: String| CheckpointError::Write { path: path.to_owned(), detail };
+    Tensor::write_safetensors(named, tmp).map_err(|e| write(format!("writing {}: {e}", tmp.display())))?;
+    std::fs::File::open(tmp).and_then(|f| f.sync_all()).map_err(|e| write(format!("syncing {}: {e}", tmp.display())))?;
+    std::fs::rename(tmp, path).map_err(|e| write(format!("renaming {}: {e}", tmp.display())))?;
+    sync_parent(path);
+    Ok(())
+}
+
+/// Flushes the folder holding `path`, so that a rename onto it survives a power cut too. Best
+/// effort: the file itself is already complete and synced, and some file systems refuse it.
+pub fn sync_parent(path: &Path) {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
+    }
 }
 
 /// Writes the model's weights as safetensors, atomically (see [`write_safetensors_atomic`]).

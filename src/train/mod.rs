@@ -142,6 +142,9 @@ impl Recipe {
         if self.batch_size == 0 || self.epochs == 0 {
             return Err(invalid("recipe", "batch_size and epochs must be at least 1"));
         }
+        if self.batch_size > MAX_BATCH_SIZE {
+            return Err(invalid("recipe.batch_size", format!("{} is over the limit of {MAX_BATCH_SIZE}", self.batch_size)));
+        }
         if self.augment && !self.train_image_encoder {
             return Err(invalid("recipe.augment", "augmentation needs train_image_encoder (precomputed embeddings cannot be augmented)"));
         }
@@ -265,6 +268,11 @@ pub struct SplitInfo {
     pub train: Vec<String>,
     pub val: Vec<String>,
 }
+
+/// The largest batch a recipe may ask for: far above what fits SAM's training on one device
+/// (vit_b's activations alone take gigabytes at 64), so a larger one is a mistake, refused
+/// before it exhausts the memory of a server that also serves.
+pub const MAX_BATCH_SIZE: usize = 256;
 
 pub const BEST: &str = "best";
 pub const LAST: &str = "last";
