@@ -177,6 +177,26 @@ async fn a_response_over_the_message_limit_is_resource_exhausted() {
 }
 
 #[tokio::test]
+async fn a_passed_deadline_is_deadline_exceeded_and_the_server_serves_on() {
+    let s = start(tiny_settings(), true).await;
+    let mut seg = SegmentationServiceClient::new(channel(&s).await);
+    // A 600x450 PNG to decode and encode: far more than a millisecond of work.
+    let source = || pb::segment_request::Source::Image(common::fixture_bytes("ISIC_0024311.png"));
+    // A client deadline: tonic's client enforces it too and may answer first (CANCELLED).
+    let mut req = tonic::Request::new(seg_req(source(), 1));
+    req.set_timeout(Duration::from_millis(1));
+    let e = seg.segment(req).await.unwrap_err();
+    assert!(matches!(e.code(), Code::DeadlineExceeded | Code::Cancelled), "{e:?}");
+    assert!(seg.segment(seg_req(source(), 1)).await.is_ok());
+    // The server's own limit, for a call without a deadline: only the server can answer.
+    let mut settings = tiny_settings();
+    settings.limits.request_timeout_ms = 1;
+    let s = start(settings, true).await;
+    let mut seg = SegmentationServiceClient::new(channel(&s).await);
+    assert_eq!(seg.segment(seg_req(source(), 1)).await.unwrap_err().code(), Code::DeadlineExceeded);
+}
+
+#[tokio::test]
 async fn a_bad_image_in_an_embed_batch_fails_alone() {
     let mut settings = tiny_settings();
     settings.limits.max_embed_batch = 8;

@@ -1,6 +1,7 @@
 //! Transport: the gRPC services over the engine.
 
 pub mod convert;
+pub mod deadline;
 pub mod embedding;
 pub mod evaluation;
 pub mod training;
@@ -130,7 +131,8 @@ impl Observe {
 impl Drop for Observe {
     fn drop(&mut self) {
         // Dropped unfinished: the call's future was dropped, because the client went away or
-        // the server's deadline passed; tonic answers CANCELLED for both.
+        // its deadline passed (the client gets DEADLINE_EXCEEDED then); both are counted as
+        // "cancelled": the call's work was abandoned.
         if !self.finished {
             self.record(Code::Cancelled);
         }

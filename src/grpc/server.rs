@@ -100,7 +100,7 @@ pub async fn serve(registry: Registry, listener: TcpListener, shutdown: impl Fut
     builder
         // One span per request: every log line of the call carries its RPC path.
         .trace_fn(|req: &tonic::codegen::http::Request<()>| tracing::info_span!("grpc", rpc = %req.uri().path()))
-        .timeout(Duration::from_millis(settings.limits.request_timeout_ms))
+        .layer(super::deadline::DeadlineLayer::new(Duration::from_millis(settings.limits.request_timeout_ms)))
         .add_service(health)
         .add_service(reflection)
         .add_service(InterceptedService::new(models, auth.clone()))
