@@ -207,12 +207,23 @@ async fn a_bad_image_in_an_embed_batch_fails_alone() {
     image::RgbImage::new(3000, 1).write_to(&mut thin, image::ImageFormat::Png).unwrap();
     let thin = thin.into_inner();
     let other = common::fixture_bytes("ISIC_0024311.png");
-    // Sent together, so that the model thread finds them queued and encodes them as one batch.
+    // A slow request first (a new 600x450 image, 48 prompts, 600x450 PNG masks), so that the
+    // model thread finds the three embeds queued behind it and encodes them as one batch.
+    let mut seg = SegmentationServiceClient::new(channel(&s).await);
+    let slow_req = pb::SegmentRequest {
+        return_low_res_logits: false,
+        mask_format: pb::MaskFormat::Png as i32,
+        ..seg_req(pb::segment_request::Source::Image(other), 48)
+    };
+    let slow = tokio::spawn(async move { seg.segment(slow_req).await });
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let other = common::fixture_bytes("ISIC_0024311.png");
     let calls = [image(), thin, other].into_iter().map(|bytes| {
         let mut c = emb.clone();
         async move { c.embed(pb::EmbedRequest { model_id: "tiny-random".into(), image: bytes, ..Default::default() }).await }
     });
     let results = futures::future::join_all(calls).await;
+    slow.await.unwrap().unwrap();
     assert!(results[0].is_ok() && results[2].is_ok(), "{results:?}");
     let e = results[1].as_ref().unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");

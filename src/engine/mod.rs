@@ -258,6 +258,17 @@ impl Registry {
         ok
     }
 
+    /// Marks a serving model failed (its thread gave up): requests get UNAVAILABLE with `msg`,
+    /// health turns NOT_SERVING, and an unload and load brings it back.
+    fn fail(&self, id: &str, generation: u64, msg: String) {
+        if let Some(mut e) = self.inner.models.get_mut(id).filter(|e| e.generation == generation) {
+            e.info.state = ModelState::Failed;
+            e.info.error = Some(msg);
+            e.tx = None;
+        }
+        self.changed();
+    }
+
     /// Removes a model; its thread finishes the queued commands, then exits.
     pub fn unload(&self, id: &str) -> Result<()> {
         self.inner.models.remove(id).ok_or_else(|| not_found(id))?;
@@ -270,7 +281,7 @@ impl Registry {
         match (&e.info.state, &e.tx) {
             (ModelState::Ready, Some(tx)) => Ok(tx.clone()),
             (ModelState::Failed, _) => Err(Error::Unavailable(format!(
-                "model {id:?} failed to load: {}",
+                "model {id:?} failed: {}",
                 e.info.error.as_deref().unwrap_or("unknown error")
             ))),
             _ => Err(Error::Unavailable(format!("model {id:?} is still loading"))),
@@ -290,7 +301,7 @@ impl Registry {
     pub async fn embed(&self, id: &str, image: Vec<u8>, format: EmbeddingFormat) -> Result<EmbedOutput> {
         let (reply, rx) = oneshot::channel();
         self.send(id, Command::Embed { image, format, enqueued: Instant::now(), reply: Reply::new(reply) })?;
-        rx.await.map_err(|_| Error::Unavailable(format!("model {id:?} was unloaded")))?
+        rx.await.map_err(|_| stopped(id))?
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -317,7 +328,7 @@ impl Registry {
         let id = &self.route(id, &source);
         let (reply, rx) = oneshot::channel();
         self.send(id, Command::Segment { source, prompts, multimask, low_res, encoding, enqueued: Instant::now(), reply: Reply::new(reply) })?;
-        rx.await.map_err(|_| Error::Unavailable(format!("model {id:?} was unloaded")))?
+        rx.await.map_err(|_| stopped(id))?
     }
 }
 
@@ -359,6 +370,11 @@ pub fn pick_route<'a>(routes: &'a [crate::settings::AliasRoute], key: &[u8]) -> 
         x -= u64::from(r.weight);
     }
     &routes[routes.len() - 1].model
+}
+
+/// A reply channel closed unanswered. Not expected: a dropped [`Reply`] answers INTERNAL.
+fn stopped(id: &str) -> Error {
+    Error::Unavailable(format!("model {id:?} stopped before answering"))
 }
 
 fn not_found(id: &str) -> Error {

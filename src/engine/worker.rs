@@ -61,7 +61,7 @@ pub(super) fn run(registry: Registry, ms: ModelSettings, device: Device, generat
     if !registry.finish_load(&id, generation, Ok((info, tx))) {
         return; // unloaded while loading
     }
-    worker.serve(&mut rx);
+    worker.serve(&mut rx, &registry, generation);
     tracing::info!(model = %id, "model unloaded");
 }
 
@@ -94,13 +94,17 @@ fn load(ms: &ModelSettings, device: Device) -> Result<(Predictor, ModelInfo)> {
     Ok((predictor, info))
 }
 
+/// Failed requests in a row after which a model is marked failed instead of going on.
+const MAX_PANICS_IN_A_ROW: u32 = 3;
+
 fn stage(model: &str, stage: &'static str, d: Duration) {
     metrics::histogram!(m::STAGE_SECONDS, "model" => model.to_owned(), "stage" => stage).record(d.as_secs_f64());
 }
 
 impl Worker {
-    fn serve(mut self, rx: &mut mpsc::Receiver<Command>) {
+    fn serve(mut self, rx: &mut mpsc::Receiver<Command>, registry: &Registry, generation: u64) {
         let mut pending: std::collections::VecDeque<Command> = Default::default();
+        let mut panics_in_a_row = 0;
         loop {
             let cmd = match pending.pop_front() {
                 Some(c) => c,
@@ -118,13 +122,27 @@ impl Worker {
                     .map(String::as_str)
                     .or_else(|| panic.downcast_ref::<&str>().copied())
                     .unwrap_or("a panic without a message");
-                tracing::error!(model = %self.id, error = %what, "the model thread failed on a request; it goes on serving");
+                tracing::error!(model = %self.id, error = %what, "the model thread failed on a request");
+                panics_in_a_row += 1;
+                if panics_in_a_row >= MAX_PANICS_IN_A_ROW {
+                    // Every request failing (a lost GPU, say): stop claiming to be ready. The
+                    // commands still queued are answered INTERNAL as their replies drop.
+                    tracing::error!(model = %self.id, "{panics_in_a_row} requests in a row failed: marking the model failed");
+                    registry.fail(&self.id, generation, format!("{panics_in_a_row} requests in a row failed (see the server log); unload and load it again"));
+                    return;
+                }
+            } else {
+                panics_in_a_row = 0;
             }
             metrics::gauge!(m::CACHE_BYTES, "model" => self.id.clone()).set(self.cache.bytes() as f64);
         }
     }
 
     fn handle(&mut self, cmd: Command, rx: &mut mpsc::Receiver<Command>, pending: &mut std::collections::VecDeque<Command>) {
+        #[cfg(test)]
+        if tests::PANICS_TO_INJECT.fetch_update(std::sync::atomic::Ordering::SeqCst, std::sync::atomic::Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+            panic!("injected by a test");
+        }
         match cmd {
             Command::Embed { image, format, enqueued, reply } => {
                 // Micro-batching: encode the embed requests already waiting together.
@@ -328,5 +346,49 @@ impl Worker {
         }
         stage(&self.id, "postprocess", t.elapsed());
         Ok(SegmentOutput { handle, height: h, width: w, masks, queue: Duration::ZERO, compute: Duration::ZERO })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::EmbeddingFormat;
+    use crate::model::{Precision, SamVariant};
+    use crate::settings::Settings;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// Commands that panic before being served (the only test here that sets it).
+    pub(super) static PANICS_TO_INJECT: AtomicU32 = AtomicU32::new(0);
+
+    #[tokio::test]
+    async fn a_panic_fails_only_its_request_and_repeated_panics_fail_the_model() {
+        let mut settings = Settings::load(None).unwrap();
+        settings.models.clear();
+        let registry = Registry::new(settings);
+        let ms = ModelSettings {
+            id: "t".into(),
+            variant: SamVariant::Tiny,
+            checkpoint: Some("tests/fixtures/golden/sam_tiny.pth".into()),
+            device: Some("cpu".into()),
+            precision: Precision::Fp32,
+        };
+        registry.load(ms).unwrap();
+        for _ in 0..600 {
+            if registry.any_ready() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let image = std::fs::read("tests/fixtures/images/ISIC_0024306.jpg").unwrap();
+        let embed = || registry.embed("t", image.clone(), EmbeddingFormat::None);
+        PANICS_TO_INJECT.store(1, Ordering::SeqCst);
+        assert!(matches!(embed().await, Err(Error::Internal(_))));
+        assert!(embed().await.is_ok(), "the model serves on after a panic");
+        PANICS_TO_INJECT.store(MAX_PANICS_IN_A_ROW, Ordering::SeqCst);
+        for _ in 0..MAX_PANICS_IN_A_ROW {
+            assert!(matches!(embed().await, Err(Error::Internal(_))));
+        }
+        assert_eq!(registry.get("t").unwrap().state, ModelState::Failed);
+        assert!(matches!(embed().await, Err(Error::Unavailable(m)) if m.contains("in a row")));
     }
 }

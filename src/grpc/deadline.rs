@@ -1,7 +1,10 @@
 //! Request deadlines: the shorter of the client's `grpc-timeout` and `limits.request_timeout_ms`.
 //! On expiry the call's future is dropped (queued model work for it is then skipped: its reply
 //! channel is closed) and the client gets DEADLINE_EXCEEDED. tonic's own `Server::timeout`
-//! answers CANCELLED, which tells a client that gave no deadline nothing about why.
+//! answers CANCELLED, which tells a client that gave no deadline nothing about why. (tonic still
+//! applies a client's `grpc-timeout` inside this layer, answering CANCELLED; this layer's
+//! deadline is taken first, so it never expires after tonic's, and a client usually enforces
+//! its own deadline as well.)
 //!
 //! As with tonic's timeout, the deadline covers a call until its response starts: a server
 //! stream (Evaluate, Train) runs on once it has begun, and stops when the client goes away.
@@ -73,9 +76,11 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let limit = grpc_timeout(req.headers()).map_or(self.limit, |t| t.min(self.limit));
+        // Taken before the inner call starts tonic's timer on the same header (see above).
+        let deadline = tokio::time::Instant::now() + limit;
         let call = self.inner.call(req);
         Box::pin(async move {
-            match tokio::time::timeout(limit, call).await {
+            match tokio::time::timeout_at(deadline, call).await {
                 Ok(r) => r,
                 Err(_) => Ok(Status::deadline_exceeded(format!("the call's deadline ({} ms) passed before it was done", limit.as_millis()))
                     .into_http()),

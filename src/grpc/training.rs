@@ -326,7 +326,29 @@ impl Training {
         // the device is released and the client gets a status instead of a stream that just ends.
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| train::run(&job, emit, || tx.is_closed())))
             .unwrap_or_else(|_| Err(Error::Internal(format!("training run {run_id:?} panicked (see the server log)"))));
+        // The rest (registering the fine-tuned model, the final status) must not leave the run
+        // "running" either: that would block resuming it until the server restarts.
+        let ended = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.finish_run(&job, result, &tx, &device_label, precision)));
+        if ended.is_err() {
+            if let Some(mut st) = self.runs.get_mut(&run_id) {
+                st.state = "failed".into();
+                st.error = "internal error after the run (see the server log)".into();
+            }
+            let _ = tx.blocking_send(Err(Status::internal("internal error (details in the server log)")));
+        }
         self.busy.remove(&device_label);
+    }
+
+    /// The end of a run: the best checkpoint registered as a model, the status, the last event.
+    fn finish_run(
+        &self,
+        job: &Job,
+        result: Result<train::Finished>,
+        tx: &mpsc::Sender<Result<pb::TrainEvent, Status>>,
+        device_label: &str,
+        precision: crate::model::Precision,
+    ) {
+        use pb::train_event::Event as E;
         match result {
             Ok(fin) => {
                 let mut model_id = String::new();

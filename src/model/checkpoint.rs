@@ -220,7 +220,13 @@ pub fn write_safetensors_atomic<T: AsRef<str>>(named: &[(T, Tensor)], path: &Pat
     let write = |detail: String| CheckpointError::Write { path: path.to_owned(), detail };
     Tensor::write_safetensors(named, tmp).map_err(|e| write(format!("writing {}: {e}", tmp.display())))?;
     std::fs::File::open(tmp).and_then(|f| f.sync_all()).map_err(|e| write(format!("syncing {}: {e}", tmp.display())))?;
-    std::fs::rename(tmp, path).map_err(|e| write(format!("renaming {}: {e}", tmp.display())))?;
+    std::fs::rename(tmp, path).map_err(|e| write(format!("renaming {}: {e}", tmp.display())))
+}
+
+/// [`write_safetensors_atomic`], and the folder synced so that the rename survives a power cut
+/// too: for checkpoints, not for cache files a loss of which costs only a recomputation.
+pub fn write_safetensors_durable<T: AsRef<str>>(named: &[(T, Tensor)], path: &Path, tmp: &Path) -> Result<(), CheckpointError> {
+    write_safetensors_atomic(named, path, tmp)?;
     sync_parent(path);
     Ok(())
 }
@@ -254,5 +260,5 @@ pub fn save_safetensors_as(vs: &nn::VarStore, path: &Path, kind: Kind) -> Result
         })
         .collect();
     named.sort_by(|a, b| a.0.cmp(&b.0));
-    write_safetensors_atomic(&named, path, &path.with_extension("safetensors.tmp"))
+    write_safetensors_durable(&named, path, &path.with_extension("safetensors.tmp"))
 }

@@ -81,7 +81,7 @@ impl Adam {
             named.push((format!("v.{}", p.name), p.v.to_device(tch::Device::Cpu)));
         }
         named.push(("step".into(), Tensor::from_slice(&[self.step])));
-        crate::model::checkpoint::write_safetensors_atomic(&named, path, &path.with_extension("safetensors.tmp"))
+        crate::model::checkpoint::write_safetensors_durable(&named, path, &path.with_extension("safetensors.tmp"))
             .map_err(|e| Error::Internal(e.to_string()))
     }
 
