@@ -324,7 +324,13 @@ impl Training {
         };
         // A panic in the run (a libtorch error that tch unwraps) fails the run, not the server:
         // the device is released and the client gets a status instead of a stream that just ends.
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| train::run(&job, emit, || tx.is_closed())))
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            #[cfg(test)]
+            if tests::PANICS_TO_INJECT.fetch_update(std::sync::atomic::Ordering::SeqCst, std::sync::atomic::Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+                panic!("injected by a test");
+            }
+            train::run(&job, emit, || tx.is_closed())
+        }))
             .unwrap_or_else(|_| Err(Error::Internal(format!("training run {run_id:?} panicked (see the server log)"))));
         // The rest (registering the fine-tuned model, the final status) must not leave the run
         // "running" either: that would block resuming it until the server restarts.
@@ -440,5 +446,69 @@ impl TrainingService for Training {
         }
         runs.sort_by(|a, b| a.run_id.cmp(&b.run_id));
         Ok(Response::new(pb::ListRunsResponse { runs }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Precision, SamVariant};
+    use crate::settings::Settings;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use tokio_stream::StreamExt;
+
+    /// Runs that panic as they start (the only test here that sets it).
+    pub(super) static PANICS_TO_INJECT: AtomicU32 = AtomicU32::new(0);
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_panicking_run_ends_with_internal_frees_its_device_and_shows_failed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let fixtures = Path::new("tests/fixtures").canonicalize().unwrap();
+        let mut settings = Settings::load(None).unwrap();
+        settings.models.clear();
+        settings.eval.dataset_roots = vec![fixtures.clone()];
+        settings.train.output_dir = tmp.path().join("runs");
+        let registry = Registry::new(settings);
+        registry
+            .load(ModelSettings {
+                id: "t".into(),
+                variant: SamVariant::Tiny,
+                checkpoint: Some("tests/fixtures/golden/sam_tiny.pth".into()),
+                device: Some("cpu".into()),
+                precision: Precision::Fp32,
+            })
+            .unwrap();
+        for _ in 0..600 {
+            if registry.any_ready() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        let training = Training::new(registry);
+        let req = pb::TrainRequest {
+            base_model_id: "t".into(),
+            dataset: fixtures.join("ham_train").display().to_string(),
+            run_id: "p".into(),
+            recipe: Some(pb::TrainRecipe { epochs: 1, batch_size: 8, ..Default::default() }),
+            ..Default::default()
+        };
+        PANICS_TO_INJECT.store(1, Ordering::SeqCst);
+        let mut events = training.start(req).unwrap();
+        let mut status = None;
+        while let Some(ev) = events.next().await {
+            if let Err(s) = ev {
+                status = Some(s);
+                break;
+            }
+        }
+        assert_eq!(status.expect("an error status, not a stream that just ends").code(), tonic::Code::Internal);
+        for _ in 0..100 {
+            if training.busy.is_empty() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert!(training.busy.is_empty(), "the device is free again");
+        assert_eq!(training.runs.get("p").unwrap().state, "failed");
     }
 }
