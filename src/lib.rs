@@ -20,3 +20,5 @@ pub mod loadgen;
 pub mod masks;
 pub mod eval;
 pub mod train;
+#[cfg(test)]
+mod test_support;

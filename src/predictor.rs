@@ -124,15 +124,20 @@ pub fn preprocess_shape(h: i64, w: i64, target: i64) -> (i64, i64) {
 /// Resizes so that the longest side is `target`, with Pillow's bilinear filter (what the
 /// official predictor uses through torchvision on a PIL image): antialiased when shrinking.
 pub fn resize_longest_side(img: &RgbImage, target: i64) -> Result<RgbImage> {
-    let (h, w) = (img.height() as i64, img.width() as i64);
-    let (nh, nw) = preprocess_shape(h, w, target);
-    if (nh, nw) == (h, w) {
+    let (nh, nw) = resized_shape(img, target)?;
+    if (nh, nw) == (img.height() as i64, img.width() as i64) {
         return Ok(img.clone());
     }
-    if nh == 0 || nw == 0 {
-        return Err(invalid("image", format!("{w}x{h} is too elongated to resize to a {target}-px longest side")));
-    }
     Ok(crate::resize::resize_bilinear_pil(img, nw as u32, nh as u32))
+}
+
+/// [`preprocess_shape`] of `img`, refused when a side rounds to nothing (a very elongated image).
+fn resized_shape(img: &RgbImage, target: i64) -> Result<(i64, i64)> {
+    let (h, w) = (img.height() as i64, img.width() as i64);
+    match preprocess_shape(h, w, target) {
+        (0, _) | (_, 0) => Err(invalid("image", format!("{w}x{h} is too elongated to resize to a {target}-px longest side"))),
+        shape => Ok(shape),
+    }
 }
 
 pub struct Predictor {
@@ -157,12 +162,7 @@ impl Predictor {
         if image.width() == 0 || image.height() == 0 {
             return Err(invalid("image", "zero-sized image"));
         }
-        let target = self.sam.config.img_size;
-        let (h, w) = (image.height() as i64, image.width() as i64);
-        match preprocess_shape(h, w, target) {
-            (0, _) | (_, 0) => Err(invalid("image", format!("{w}x{h} is too elongated to resize to a {target}-px longest side"))),
-            _ => Ok(()),
-        }
+        resized_shape(image, self.sam.config.img_size).map(|_| ())
     }
 
     /// The resized image as the (1, 3, h, w) u8 tensor the model pre-processes.

@@ -140,7 +140,7 @@ impl Worker {
 
     fn handle(&mut self, cmd: Command, rx: &mut mpsc::Receiver<Command>, pending: &mut std::collections::VecDeque<Command>) {
         #[cfg(test)]
-        if tests::PANICS_TO_INJECT.fetch_update(std::sync::atomic::Ordering::SeqCst, std::sync::atomic::Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+        if crate::test_support::take_injected_panic(&tests::PANICS_TO_INJECT) {
             panic!("injected by a test");
         }
         match cmd {
@@ -353,7 +353,6 @@ impl Worker {
 mod tests {
     use super::*;
     use crate::engine::EmbeddingFormat;
-    use crate::model::{Precision, SamVariant};
     use crate::settings::Settings;
     use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -362,23 +361,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_panic_fails_only_its_request_and_repeated_panics_fail_the_model() {
-        let mut settings = Settings::load(None).unwrap();
-        settings.models.clear();
-        let registry = Registry::new(settings);
-        let ms = ModelSettings {
-            id: "t".into(),
-            variant: SamVariant::Tiny,
-            checkpoint: Some("tests/fixtures/golden/sam_tiny.pth".into()),
-            device: Some("cpu".into()),
-            precision: Precision::Fp32,
-        };
-        registry.load(ms).unwrap();
-        for _ in 0..600 {
-            if registry.any_ready() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let registry = crate::test_support::registry_with_tiny_model(Settings::load(None).unwrap(), "t").await;
         let image = std::fs::read("tests/fixtures/images/ISIC_0024306.jpg").unwrap();
         let embed = || registry.embed("t", image.clone(), EmbeddingFormat::None);
         PANICS_TO_INJECT.store(1, Ordering::SeqCst);
@@ -387,6 +370,13 @@ mod tests {
         PANICS_TO_INJECT.store(MAX_PANICS_IN_A_ROW, Ordering::SeqCst);
         for _ in 0..MAX_PANICS_IN_A_ROW {
             assert!(matches!(embed().await, Err(Error::Internal(_))));
+        }
+        // The last reply is sent as its command unwinds, just before the thread marks the model.
+        for _ in 0..100 {
+            if registry.get("t").unwrap().state == ModelState::Failed {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert_eq!(registry.get("t").unwrap().state, ModelState::Failed);
         assert!(matches!(embed().await, Err(Error::Unavailable(m)) if m.contains("in a row")));

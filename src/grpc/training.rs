@@ -326,7 +326,7 @@ impl Training {
         // the device is released and the client gets a status instead of a stream that just ends.
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             #[cfg(test)]
-            if tests::PANICS_TO_INJECT.fetch_update(std::sync::atomic::Ordering::SeqCst, std::sync::atomic::Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+            if crate::test_support::take_injected_panic(&tests::PANICS_TO_INJECT) {
                 panic!("injected by a test");
             }
             train::run(&job, emit, || tx.is_closed())
@@ -452,7 +452,6 @@ impl TrainingService for Training {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Precision, SamVariant};
     use crate::settings::Settings;
     use std::sync::atomic::{AtomicU32, Ordering};
     use tokio_stream::StreamExt;
@@ -465,25 +464,9 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let fixtures = Path::new("tests/fixtures").canonicalize().unwrap();
         let mut settings = Settings::load(None).unwrap();
-        settings.models.clear();
         settings.eval.dataset_roots = vec![fixtures.clone()];
         settings.train.output_dir = tmp.path().join("runs");
-        let registry = Registry::new(settings);
-        registry
-            .load(ModelSettings {
-                id: "t".into(),
-                variant: SamVariant::Tiny,
-                checkpoint: Some("tests/fixtures/golden/sam_tiny.pth".into()),
-                device: Some("cpu".into()),
-                precision: Precision::Fp32,
-            })
-            .unwrap();
-        for _ in 0..600 {
-            if registry.any_ready() {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
+        let registry = crate::test_support::registry_with_tiny_model(settings, "t").await;
         let training = Training::new(registry);
         let req = pb::TrainRequest {
             base_model_id: "t".into(),
