@@ -234,10 +234,28 @@ fn reader_error_cases() {
     assert_eq!(ds.items.len(), 8);
     assert_eq!(ds.problems.len(), 1);
     assert!(ds.problems[0].message.contains("no mask"), "{:?}", ds.problems);
+    // The filters select the unusable images as they select the others: shards list each once,
+    // and a run over other labels or ids does not list it.
+    let listed = |f: &dyn Fn(&mut Dataset)| {
+        let mut d = ds.clone();
+        f(&mut d);
+        d.problems.len()
+    };
+    assert_eq!(listed(&|d| d.shard(0, 2)) + listed(&|d| d.shard(1, 2)), 1);
+    let label = first.label.clone().unwrap();
+    let other = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"].into_iter().find(|l| *l != label).unwrap();
+    assert_eq!(listed(&|d| d.filter(std::slice::from_ref(&label), 0)), 1);
+    assert_eq!(listed(&|d| d.filter(&[other.to_owned()], 0)), 0);
+    assert_eq!(listed(&|d| d.keep_ids(std::slice::from_ref(&first.id), 0)), 1);
+    assert_eq!(listed(&|d| d.keep_ids(&[ds.items[0].id.clone()], 0)), 0);
     // A metadata CSV without the needed columns names them.
     std::fs::write(root.join("HAM10000_metadata.csv"), "lesion,image,diagnosis\nHAM_1,ISIC_1,nv\n").unwrap();
     let e = Dataset::open(&root).unwrap_err().to_string();
     assert!(e.contains("image_id") && e.contains("dx"), "{e}");
+    // HAM10000's lesion_id is required: without it a split by lesion would silently be random.
+    std::fs::write(root.join("HAM10000_metadata.csv"), "image_id,dx\nISIC_1,nv\n").unwrap();
+    let e = Dataset::open(&root).unwrap_err().to_string();
+    assert!(e.contains("lesion_id"), "{e}");
     // No masks folder, no dataset.
     let e = Dataset::open(dir.path()).unwrap_err().to_string();
     assert!(e.contains("does not exist"), "{e}");
@@ -259,4 +277,47 @@ fn nearest_resize_keeps_masks_binary() {
     let r = m.resize_nearest(200, 150);
     assert!(r.data.iter().all(|&v| v <= 1));
     assert_eq!(r.area(), 100 * 150);
+}
+
+#[test]
+fn a_report_with_unreadable_or_different_overlay_images_is_still_written() {
+    use skinsam::eval::report::{write_report, RunInfo};
+    use skinsam::eval::runner::{ImageResult, ModelResult};
+    let dir = tempfile::tempdir().unwrap();
+    let (w, h) = (20u32, 10u32);
+    let row = |index: usize, id: &str, dice: f64| ImageResult {
+        index,
+        id: id.into(),
+        label: Some("nv".into()),
+        group: None,
+        width: w,
+        height: h,
+        mask_resized: false,
+        prompt: Default::default(),
+        results: vec![ModelResult {
+            model: "m".into(),
+            scores: ImageScores { accuracy: dice, dice, iou: dice },
+            predicted_iou: 0.9,
+            mask_rle: Some(skinsam::masks::to_rle(&vec![1u8; (w * h) as usize], h as usize, w as usize)),
+        }],
+    };
+    // Two best and two worst overlays are drawn for five images: "unreadable" and "other_size"
+    // are among them.
+    let rows = vec![row(0, "same", 0.9), row(1, "unreadable", 0.8), row(2, "fine", 0.7), row(3, "also_fine", 0.6), row(4, "other_size", 0.5)];
+    let info = RunInfo { dataset: "d".into(), models: vec!["m".into()], settings: serde_json::json!({}), skipped: vec![] };
+    // A stale overlay of an earlier report in the same folder.
+    std::fs::create_dir_all(dir.path().join("overlays")).unwrap();
+    std::fs::write(dir.path().join("overlays/m_best_old_dice0.100.png"), b"old").unwrap();
+    let load = |id: &str| -> anyhow::Result<(image::RgbImage, BinaryMask)> {
+        let size = if id == "other_size" { (2 * w, 2 * h) } else { (w, h) };
+        anyhow::ensure!(id != "unreadable", "not in the local dataset");
+        Ok((image::RgbImage::new(size.0, size.1), BinaryMask { width: size.0, height: size.1, data: vec![1; (size.0 * size.1) as usize] }))
+    };
+    write_report(dir.path(), &info, &rows, 1, Some(&load)).expect("the report is written");
+    let md = std::fs::read_to_string(dir.path().join("report.md")).unwrap();
+    assert!(md.contains("No overlay for 2 image(s)") && md.contains("other_size (here 40x20, scored at 20x10)") && md.contains("unreadable"), "{md}");
+    let overlays: Vec<String> = std::fs::read_dir(dir.path().join("overlays")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let mut drawn: Vec<&str> = overlays.iter().map(|n| n.split('_').nth(2).unwrap()).collect();
+    drawn.sort();
+    assert_eq!(drawn, ["also", "same"], "{overlays:?}");
 }

@@ -122,14 +122,20 @@ async fn evaluate_upload_scores_streamed_images_and_skips_bad_ones() {
     let mut c = EvaluationServiceClient::new(channel(&s).await);
     let fx = common::fixtures().join("ham_mini");
     let ds = skinsam::eval::dataset::Dataset::open(&fx).unwrap();
-    let mut msgs = vec![pb::EvaluateUploadRequest { item: Some(pb::evaluate_upload_request::Item::Settings(eval_settings(&["tiny-random"]))) }];
-    for (k, it) in ds.items.iter().take(3).enumerate() {
+    // A running summary after every scored image (and not again after skipped ones).
+    let settings = pb::EvaluateSettings { summary_every: 1, ..eval_settings(&["tiny-random"]) };
+    let mut msgs = vec![pb::EvaluateUploadRequest { item: Some(pb::evaluate_upload_request::Item::Settings(settings)) }];
+    let mut empty_mask = Vec::new();
+    image::GrayImage::new(600, 450).write_to(&mut std::io::Cursor::new(&mut empty_mask), image::ImageFormat::Png).unwrap();
+    for (k, it) in ds.items.iter().take(5).enumerate() {
         let image = if k == 1 { b"not an image".to_vec() } else { std::fs::read(&it.image).unwrap() };
+        // Items 3 and 4: an empty ground truth, from which no box or point can be drawn.
+        let mask = if k >= 3 { empty_mask.clone() } else { std::fs::read(&it.mask).unwrap() };
         msgs.push(pb::EvaluateUploadRequest {
             item: Some(pb::evaluate_upload_request::Item::Image(pb::UploadedImage {
                 id: it.id.clone(),
                 image,
-                mask: std::fs::read(&it.mask).unwrap(),
+                mask,
                 label: it.label.clone().unwrap(),
                 group: String::new(),
             })),
@@ -138,11 +144,12 @@ async fn evaluate_upload_scores_streamed_images_and_skips_bad_ones() {
     let stream = c.evaluate_upload(tokio_stream::iter(msgs)).await.unwrap().into_inner();
     let (images, skipped, summaries) = collect(stream).await;
     assert_eq!(images.iter().map(|i| i.id.clone()).collect::<Vec<_>>(), [ds.items[0].id.clone(), ds.items[2].id.clone()]);
-    assert_eq!(skipped.len(), 1);
-    assert_eq!(skipped[0].id, ds.items[1].id);
+    assert_eq!(skipped.iter().map(|p| p.id.clone()).collect::<Vec<_>>(), [1, 3, 4].map(|k| ds.items[k].id.clone()));
     assert!(skipped[0].reason.contains("image"), "{}", skipped[0].reason);
+    assert!(skipped[1].reason.contains("ground truth is empty"), "{}", skipped[1].reason);
+    assert_eq!(summaries.len(), 3, "two running summaries and the final one: {summaries:?}");
     let f = summaries.last().unwrap();
-    assert!(f.r#final && f.images_done == 2 && f.skipped == 1 && f.images_total == 0);
+    assert!(f.r#final && f.images_done == 2 && f.skipped == 3 && f.images_total == 0);
 
     // The first message must be the settings.
     let bad = vec![pb::EvaluateUploadRequest {
@@ -191,6 +198,18 @@ async fn an_upload_that_breaks_off_ends_the_run_with_an_error_not_a_final_summar
 }
 
 #[tokio::test]
+async fn a_run_waits_out_a_full_model_queue_instead_of_failing() {
+    // One queued command per model, three images in flight: the model answers
+    // RESOURCE_EXHAUSTED to some of the run's own calls, which are retried.
+    let mut settings = settings_with_roots(None);
+    settings.limits.queue_depth = 1;
+    let s = start(settings, true).await;
+    let (images, skipped, summaries) = evaluate(&s.url, eval_settings(&["tiny-random"]), dataset()).await.unwrap();
+    assert_eq!((images.len(), skipped.len()), (9, 0));
+    assert!(summaries.last().unwrap().r#final);
+}
+
+#[tokio::test]
 async fn evaluate_rejects_bad_requests_with_clear_statuses() {
     let s = start(settings_with_roots(None), true).await;
     let outside = std::env::temp_dir().display().to_string();
@@ -234,6 +253,11 @@ async fn evaluate_rejects_bad_requests_with_clear_statuses() {
             "prompts.max_shift",
         ),
         (pb::EvaluateSettings { shard_index: 3, shard_count: 2, ..eval_settings(&["tiny-random"]) }, dataset(), Code::InvalidArgument, "shard"),
+        // Filters that select nothing: an error naming the field (and the labels there are), not
+        // an OK stream of empty summaries.
+        (pb::EvaluateSettings { labels: vec!["MEL".into()], ..eval_settings(&["tiny-random"]) }, dataset(), Code::InvalidArgument, "settings.labels"),
+        (pb::EvaluateSettings { labels: vec!["melanoma".into()], ..eval_settings(&["tiny-random"]) }, dataset(), Code::InvalidArgument, "akiec"),
+        (pb::EvaluateSettings { ids: vec!["ISIC_nope".into()], ..eval_settings(&["tiny-random"]) }, dataset(), Code::InvalidArgument, "settings.ids"),
     ];
     for (settings, ds, code, needle) in cases {
         let e = evaluate(&s.url, settings.clone(), ds.clone()).await.unwrap_err();

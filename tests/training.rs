@@ -153,6 +153,9 @@ fn mixed(run_id: &str, epochs: u32) -> pb::TrainRequest {
     r.lr_schedule = pb::LrSchedule::Cosine as i32;
     r.warmup_steps = 3;
     r.weight_decay = 0.01;
+    // The prompt encoder too: its box-corner and point embeddings go unused in some steps, which
+    // a resumed run must handle as the uninterrupted one does.
+    r.train_prompt_encoder = true;
     req
 }
 
@@ -308,15 +311,89 @@ async fn one_run_per_device_and_bad_requests() {
         r.recipe.as_mut().unwrap().prompts = Some(pb::PromptSimulation { margin, max_shift: Some(shift), ..Default::default() });
         cases.push((r, Code::InvalidArgument, field));
     }
+    let mut r = request("x14", 1);
+    r.recipe.as_mut().unwrap().patience = Some(0);
+    cases.push((r, Code::InvalidArgument, "recipe.patience"));
+    // Finite weights whose sum is not: the draw of a kind panicked the training thread.
+    let mut r = mixed("x15", 1);
+    r.recipe.as_mut().unwrap().prompt_mix[0].weight = f64::MAX;
+    r.recipe.as_mut().unwrap().prompt_mix[1].weight = f64::MAX;
+    cases.push((r, Code::InvalidArgument, "recipe.prompt_mix"));
+    let mut r = request("x16", 1);
+    r.recipe.as_mut().unwrap().prompts.as_mut().unwrap().mode = 99;
+    cases.push((r, Code::InvalidArgument, "recipe.prompts.mode"));
     let mut r = request("never-ran", 1);
     r.resume = true;
     cases.push((r, Code::NotFound, "resume"));
-    cases.push((request("long", 1), Code::FailedPrecondition, "already exists"));
+    // A run with a saved epoch (its sidecar) cannot be started again.
+    let done = tmp.path().join("runs/done");
+    std::fs::create_dir_all(&done).unwrap();
+    std::fs::write(done.join("last.json"), "{}").unwrap();
+    cases.push((request("done", 1), Code::FailedPrecondition, "already exists"));
     for (req, code, needle) in cases {
         let e = c.train(req.clone()).await.unwrap_err();
         assert_eq!(e.code(), code, "{req:?}: {}", e.message());
         assert!(e.message().contains(needle), "{needle:?} in {:?}", e.message());
     }
+    // "long" was cancelled before it saved an epoch: its run id is free again, not stuck.
+    let again = run(&s, request("long", 1), None).await.unwrap();
+    assert_eq!(again.finished.expect("the new run finishes").stopped, "epochs");
+    wait_ready(&s, "tiny-random-ft-long").await;
+}
+
+#[tokio::test]
+async fn a_resume_of_an_ended_run_ends_at_once_and_inconsistent_resumes_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = start(settings(tmp.path()), true).await;
+    let first = run(&s, request("e", 2), None).await.unwrap();
+    let first = first.finished.unwrap();
+    assert_eq!(first.stopped, "epochs");
+    wait_ready(&s, "tiny-random-ft-e").await;
+    let resume = |dataset: Option<String>| {
+        let mut r = request("e", 2);
+        r.resume = true;
+        if let Some(d) = dataset {
+            r.dataset = d;
+        }
+        r
+    };
+    // All epochs done: the resume finishes without training.
+    let r = run(&s, resume(None), None).await.unwrap();
+    assert!(r.epochs.is_empty(), "{:?}", r.epochs);
+    let fin = r.finished.unwrap();
+    assert_eq!((fin.stopped.as_str(), fin.best_epoch), ("epochs", first.best_epoch));
+    wait_ready(&s, "tiny-random-ft-e").await;
+    let sidecar = tmp.path().join("runs/e/last.json");
+    let original: serde_json::Value = serde_json::from_slice(&std::fs::read(&sidecar).unwrap()).unwrap();
+    let write = |edit: &dyn Fn(&mut serde_json::Value)| {
+        let mut v = original.clone();
+        edit(&mut v);
+        std::fs::write(&sidecar, serde_json::to_vec(&v).unwrap()).unwrap();
+    };
+    // Stopped early after epoch 1 (patience 100 reached), interrupted before the stream said so:
+    // the resume ends as the uninterrupted run did.
+    write(&|v| {
+        v["epoch"] = 1.into();
+        v["epochs_without_improvement"] = 100.into();
+    });
+    let r = run(&s, resume(None), None).await.unwrap();
+    assert!(r.epochs.is_empty(), "{:?}", r.epochs);
+    assert_eq!(r.finished.unwrap().stopped, "early_stopping");
+    wait_ready(&s, "tiny-random-ft-e").await;
+    // The optimizer state and the sidecar from different epochs (a run stopped while writing).
+    write(&|v| {
+        v["epoch"] = 1.into();
+        v["adam_step"] = 1.into();
+    });
+    let e = run(&s, resume(None), None).await.err().expect("refused");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
+    assert!(e.message().contains("optimizer state"), "{}", e.message());
+    // Another dataset: the split's ids would name other images.
+    write(&|v| v["epoch"] = 1.into());
+    let other = common::fixtures().join("ham_heldout").display().to_string();
+    let e = run(&s, resume(Some(other)), None).await.err().expect("refused");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
+    assert!(e.message().contains("dataset"), "{}", e.message());
 }
 
 #[tokio::test]
@@ -415,4 +492,41 @@ fn a_failed_checkpoint_write_leaves_the_previous_one_intact() {
     std::fs::create_dir(tmp.path().join(format!("last.json.tmp{}", std::process::id()))).unwrap();
     assert!(skinsam::eval::report::write_atomic(&json, b"{\"epoch\": 2}").is_err());
     assert_eq!(std::fs::read(&json).unwrap(), b"{\"epoch\": 1}");
+}
+
+#[test]
+fn loading_the_data_stops_when_the_run_is_cancelled() {
+    use skinsam::train::data;
+    let ds = skinsam::eval::dataset::Dataset::open(&common::fixtures().join("ham_train")).unwrap();
+    let split = data::split(&ds, &skinsam::train::Recipe::default());
+    let sam = skinsam::model::Sam::load(skinsam::model::SamVariant::Tiny, &common::tiny_checkpoint(), tch::Device::Cpu).unwrap().0;
+    let predictor = skinsam::predictor::Predictor::new(sam);
+    // Cancelled after three images: no more are embedded.
+    let checks = std::cell::Cell::new(0);
+    let cancel_after_three = || {
+        checks.set(checks.get() + 1);
+        checks.get() > 3
+    };
+    assert!(data::load(&ds, &split, &predictor, true, None, &cancel_after_three).unwrap().is_none());
+    assert_eq!(checks.get(), 4);
+    let (train, val, skipped) = data::load(&ds, &split, &predictor, true, None, &|| false).unwrap().expect("not cancelled");
+    assert_eq!(train.len() + val.len() + skipped.len(), 40);
+}
+
+#[tokio::test]
+async fn the_sidecar_is_written_last_so_a_failed_best_checkpoint_commits_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = start(settings(tmp.path()), true).await;
+    // A full disk when the best checkpoint is written, simulated: a folder holds the name of its
+    // temporary file. (A folder without a sidecar is free for a new run.)
+    let dir = tmp.path().join("runs/b");
+    std::fs::create_dir_all(dir.join("best.safetensors.tmp")).unwrap();
+    let e = run(&s, request("b", 2), None).await.err().expect("the run fails");
+    assert_eq!(e.code(), Code::Internal, "{}", e.message());
+    // Epoch 1 is not committed: no sidecar names a best epoch whose weights are missing.
+    assert!(!dir.join("last.json").exists());
+    assert!(!dir.join("best.safetensors").exists());
+    let mut resume = request("b", 2);
+    resume.resume = true;
+    assert_eq!(run(&s, resume, None).await.err().expect("nothing to resume").code(), Code::NotFound);
 }

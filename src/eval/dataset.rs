@@ -39,6 +39,9 @@ pub struct Dataset {
     pub layout: &'static str,
     pub items: Vec<Item>,
     pub problems: Vec<Problem>,
+    /// The label of each problem's image, so that the filters select problems as they select
+    /// items (a run over one label, or one shard, lists only its own unusable images).
+    problem_labels: HashMap<String, Option<String>>,
 }
 
 impl Dataset {
@@ -67,6 +70,7 @@ impl Dataset {
         }
         let mut items = Vec::new();
         let mut problems = Vec::new();
+        let mut problem_labels = HashMap::new();
         let mut image_files = list_files(&images)?;
         image_files.sort();
         for image in image_files {
@@ -77,6 +81,7 @@ impl Dataset {
             }
             let mask = [format!("{id}_segmentation"), format!("{id}_mask"), id.clone()].iter().find_map(|s| by_stem.get(s).cloned());
             let Some(mask) = mask else {
+                problem_labels.insert(id.clone(), labels.get(&id).and_then(|(l, _)| l.clone()));
                 problems.push(Problem { id: id.clone(), message: format!("no mask for {} in {}", image.display(), masks.display()) });
                 continue;
             };
@@ -86,7 +91,7 @@ impl Dataset {
         if items.is_empty() {
             return Err(invalid("dataset", format!("no image with a mask under {}", root.display())));
         }
-        Ok(Self { root: root.to_owned(), layout, items, problems })
+        Ok(Self { root: root.to_owned(), layout, items, problems, problem_labels })
     }
 
     /// Keeps the items of the given ids (all when empty), then at most `limit` (0: all).
@@ -94,6 +99,7 @@ impl Dataset {
         if !ids.is_empty() {
             let keep: std::collections::HashSet<&String> = ids.iter().collect();
             self.items.retain(|i| keep.contains(&i.id));
+            self.problems.retain(|p| keep.contains(&p.id));
         }
         self.filter(&[], limit);
     }
@@ -102,6 +108,8 @@ impl Dataset {
     pub fn filter(&mut self, labels: &[String], limit: usize) {
         if !labels.is_empty() {
             self.items.retain(|i| i.label.as_ref().is_some_and(|l| labels.contains(l)));
+            let pl = &self.problem_labels;
+            self.problems.retain(|p| pl.get(&p.id).and_then(Option::as_ref).is_some_and(|l| labels.contains(l)));
         }
         if limit > 0 {
             self.items.truncate(limit);
@@ -112,6 +120,8 @@ impl Dataset {
     pub fn shard(&mut self, index: usize, count: usize) {
         if count > 1 {
             self.items = std::mem::take(&mut self.items).into_iter().enumerate().filter(|(i, _)| i % count == index).map(|(_, x)| x).collect();
+            // The unusable images the same way, so that the shards together list each once.
+            self.problems = std::mem::take(&mut self.problems).into_iter().enumerate().filter(|(i, _)| i % count == index).map(|(_, x)| x).collect();
         }
     }
 }
@@ -130,7 +140,12 @@ fn read_labels(path: &Path, id_col: &str, label_col: &str, group_col: Option<&st
     let col = |name: &str| headers.iter().position(|h| h.trim() == name);
     let id_i = col(id_col);
     let label_i = col(label_col);
-    let missing: Vec<&str> = [(id_col, id_i), (label_col, label_i)].iter().filter(|(_, i)| i.is_none()).map(|(n, _)| *n).collect();
+    let group_i = group_col.and_then(col).or_else(|| col("group"));
+    // A required group column (HAM10000's lesion_id): without it the split by lesion would
+    // silently become a random one, with images of one lesion on both sides.
+    let group_missing = group_col.filter(|_| group_i.is_none()).map(|g| (g, None));
+    let missing: Vec<&str> =
+        [(id_col, id_i), (label_col, label_i)].into_iter().chain(group_missing).filter(|(_, i)| i.is_none()).map(|(n, _)| n).collect();
     if !missing.is_empty() {
         return Err(invalid(
             "dataset",
@@ -138,7 +153,6 @@ fn read_labels(path: &Path, id_col: &str, label_col: &str, group_col: Option<&st
         ));
     }
     let (id_i, label_i) = (id_i.unwrap_or(0), label_i.unwrap_or(0));
-    let group_i = group_col.and_then(col).or_else(|| col("group"));
     let mut out = HashMap::new();
     for (n, rec) in r.records().enumerate() {
         let rec = rec.map_err(|e| invalid("dataset", format!("{} row {}: {e}", path.display(), n + 2)))?;

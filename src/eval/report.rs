@@ -365,19 +365,43 @@ pub fn write_report(
     match images {
         Some(load) if !rows.is_empty() => {
             let od = dir.join("overlays");
+            // A report rewritten into the same folder keeps no overlays of an earlier run (their
+            // names carry scores, so they would not be overwritten).
+            if od.is_dir() {
+                std::fs::remove_dir_all(&od).with_context(|| format!("clearing {}", od.display()))?;
+            }
             std::fs::create_dir_all(&od)?;
+            let mut missing = Vec::new();
             for (k, model) in info.models.iter().enumerate() {
                 let mut order: Vec<&ImageResult> = rows.iter().filter(|r| r.results[k].mask_rle.is_some()).collect();
                 order.sort_by(|a, b| b.results[k].scores.dice.total_cmp(&a.results[k].scores.dice));
                 let n = OVERLAYS_EACH.min(order.len() / 2).max(1.min(order.len()));
                 let picks = order.iter().take(n).map(|r| ("best", *r)).chain(order.iter().rev().take(n).map(|r| ("worst", *r)));
                 for (kind, r) in picks {
-                    let (img, truth) = load(&r.id)?;
+                    // Overlays are a convenience: an image this side cannot read, or whose copy
+                    // here differs from the one scored, is named in the report, not fatal.
+                    let (img, truth) = match load(&r.id) {
+                        Ok((img, truth)) if (img.width(), img.height()) == (r.width, r.height) && (truth.width, truth.height) == (r.width, r.height) => {
+                            (img, truth)
+                        }
+                        Ok((img, _)) => {
+                            missing.push(format!("{} (here {}x{}, scored at {}x{})", r.id, img.width(), img.height(), r.width, r.height));
+                            continue;
+                        }
+                        Err(e) => {
+                            missing.push(format!("{} ({e})", r.id));
+                            continue;
+                        }
+                    };
                     let m = &r.results[k];
                     let pred = crate::masks::from_rle(m.mask_rle.as_deref().unwrap_or_default(), r.height as usize, r.width as usize);
                     let o = overlay_scaled(&img, &truth, pred, &r.prompt);
                     write_atomic(&od.join(format!("{model}_{kind}_{}_dice{:.3}.png", r.id, m.scores.dice)), &png(&o)?)?;
                 }
+            }
+            if !missing.is_empty() {
+                missing.dedup();
+                md.push_str(&format!("\nNo overlay for {} image(s): {}.\n", missing.len(), missing.join("; ")));
             }
         }
         _ => md.push_str("\nNo overlays: the images were not readable from here.\n"),

@@ -98,21 +98,25 @@ pub enum Event {
 /// Checks a request against the registry before any work starts.
 pub fn validate(registry: &Registry, r: &EvalRequest) -> Result<()> {
     if r.models.is_empty() {
-        return Err(invalid("model_ids", "name at least one model (or the baseline \"box-ellipse\")"));
+        return Err(invalid("settings.model_ids", "name at least one model (or the baseline \"box-ellipse\")"));
     }
     for (i, m) in r.models.iter().enumerate() {
         if r.models[..i].contains(m) {
-            return Err(invalid("model_ids", format!("{m:?} is named twice")));
+            return Err(invalid("settings.model_ids", format!("{m:?} is named twice")));
         }
         if m == BASELINE {
             if !matches!(r.mode, PromptMode::Box | PromptMode::BoxPoint) {
-                return Err(invalid("model_ids", "the box-ellipse baseline needs prompt mode box or box_point"));
+                return Err(invalid("settings.model_ids", "the box-ellipse baseline needs prompt mode box or box_point"));
             }
         } else {
-            registry.get(m)?;
+            let info = registry.get(m)?;
+            if info.state != crate::engine::ModelState::Ready {
+                // Checked here, not found failing the run at its first image.
+                return Err(Error::Unavailable(format!("model {m:?} is not ready ({:?})", info.state)));
+            }
         }
     }
-    r.params.validate("prompts")
+    r.params.validate("settings.prompts")
 }
 
 /// Reads the dataset's items as inputs (each read on the blocking pool); unreadable ones become
@@ -168,7 +172,11 @@ pub async fn run(
                 for m in &req.models {
                     metrics::counter!(crate::metrics::EVAL_IMAGES_TOTAL, "model" => m.clone(), "result" => "scored").increment(1);
                 }
-                rows.push(row.clone());
+                // Kept for the summaries, which need the scores, not the masks: a long upload
+                // stream must not hold every mask it was sent back.
+                let mut kept = row.clone();
+                kept.results.iter_mut().for_each(|r| r.mask_rle = None);
+                rows.push(kept);
                 Event::Image(Box::new(row))
             }
             Err(Ok(problem)) => {
@@ -183,18 +191,27 @@ pub async fn run(
                 return;
             }
         };
+        // A running summary after every summary_every-th scored image: not again after the
+        // images skipped behind it.
+        let scored = matches!(event, Event::Image(_));
         if tx.send(Ok(event)).await.is_err() {
             return; // the client went away: stop
         }
-        if req.summary_every > 0 && rows.len() % req.summary_every == 0 && !rows.is_empty() {
+        if scored && req.summary_every > 0 && rows.len() % req.summary_every == 0 {
             let s = summarize(&req.models, &rows, total, skipped, false, req.seed);
             if tx.send(Ok(Event::Summary(Box::new(s)))).await.is_err() {
                 return;
             }
         }
     }
-    let s = summarize(&req.models, &rows, total, skipped, true, req.seed);
-    let _ = tx.send(Ok(Event::Summary(Box::new(s)))).await;
+    // The final summary's bootstrap (2000 resamples per pair of models, metric and label) takes
+    // seconds over a whole dataset: on the blocking pool, not on a thread serving RPCs.
+    let (models, seed) = (req.models.clone(), req.seed);
+    let s = tokio::task::spawn_blocking(move || summarize(&models, &rows, total, skipped, true, seed)).await;
+    let _ = match s {
+        Ok(s) => tx.send(Ok(Event::Summary(Box::new(s)))).await,
+        Err(e) => tx.send(Err(Error::Internal(format!("summarising the run failed: {e}")))).await,
+    };
 }
 
 /// Ok(row); Err(Ok(problem)) skips the image; Err(Err(e)) ends the run (a model failed).
@@ -209,6 +226,11 @@ async fn evaluate_one(
     image_size(&input.mask, "mask", req.max_pixels).map_err(problem)?;
     let truth = decode_mask(&input.mask, "mask").map_err(problem)?;
     let (truth, mask_resized) = truth.fitted_to(width, height);
+    if truth.area() == 0 && req.mode != PromptMode::None {
+        // No point or box can be drawn from an empty ground truth: scored, the model would be
+        // judged on the no-prompt case beside a baseline that cannot miss an empty mask.
+        return Err(problem(invalid("mask", "the ground truth is empty: no prompt can be simulated from it")));
+    }
     let prompt = simulate(&truth, req.mode, &req.params, req.seed, &input.id);
     let calls = req.models.iter().map(|m| model_result(registry, req, m, &input.image, &prompt, &truth));
     let mut results = Vec::with_capacity(req.models.len());
@@ -231,9 +253,21 @@ async fn model_result(registry: &Registry, req: &EvalRequest, model: &str, image
         return Ok(ModelResult { model: model.to_owned(), scores: score(&m.data, &truth.data), predicted_iou: f32::NAN, mask_rle: rle });
     }
     let p = Prompt { points: prompt.point.map(|[x, y]| vec![crate::predictor::PointPrompt { x, y, label: 1 }]).unwrap_or_default(), bbox: prompt.bbox, mask_input: None };
-    let out = registry
-        .segment(model, Source::Image(image.to_vec()), vec![p], req.multimask, false, MaskEncoding { png: false, rle: true })
-        .await?;
+    // A model queue full of other clients' requests is a reason to wait, not to end a run that
+    // may be hours in: retried with a growing pause, then given up with the overload status.
+    let mut pause = OVERLOAD_FIRST_PAUSE;
+    let mut tries = 1;
+    let out = loop {
+        let encoding = MaskEncoding { png: false, rle: true };
+        match registry.segment(model, Source::Image(image.to_vec()), vec![p.clone()], req.multimask, false, encoding).await {
+            Err(Error::ResourceExhausted(_)) if tries < OVERLOAD_TRIES => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(OVERLOAD_MAX_PAUSE);
+                tries += 1;
+            }
+            other => break other?,
+        }
+    };
     let m = out.masks.into_iter().next().ok_or_else(|| Error::Internal("no mask returned".into()))?;
     let counts = m.rle.unwrap_or_default();
     let pred = from_rle(&counts, h, w);
@@ -244,6 +278,12 @@ async fn model_result(registry: &Registry, req: &EvalRequest, model: &str, image
         mask_rle: req.return_masks.then_some(counts),
     })
 }
+
+/// Attempts of one image's Segment call while the model answers RESOURCE_EXHAUSTED, and the
+/// pauses between them (doubling, at most 1 s): about 4.6 s in all.
+const OVERLOAD_TRIES: u32 = 10;
+const OVERLOAD_FIRST_PAUSE: std::time::Duration = std::time::Duration::from_millis(25);
+const OVERLOAD_MAX_PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// (width, height) from the image header, within the pixel limit.
 fn image_size(bytes: &[u8], field: &str, max_pixels: u64) -> Result<(u32, u32)> {

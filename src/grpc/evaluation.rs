@@ -225,8 +225,16 @@ impl EvaluationService for Evaluation {
         let s = settings.clone();
         let ds = tokio::task::spawn_blocking(move || -> Result<Dataset> {
             let mut ds = Dataset::open(&root)?;
+            let known_labels: std::collections::BTreeSet<String> = ds.items.iter().filter_map(|i| i.label.clone()).collect();
             ds.keep_ids(&s.ids, 0);
+            if !s.ids.is_empty() && ds.items.is_empty() {
+                return Err(invalid("settings.ids", format!("none of the {} ids is in the dataset", s.ids.len())));
+            }
             ds.filter(&s.labels, s.limit as usize);
+            if !s.labels.is_empty() && ds.items.is_empty() {
+                let known: Vec<String> = known_labels.into_iter().collect();
+                return Err(invalid("settings.labels", format!("no image has the labels {:?} (the dataset's labels: {})", s.labels, known.join(", "))));
+            }
             ds.shard(s.shard_index as usize, s.shard_count as usize);
             Ok(ds)
         })

@@ -41,7 +41,7 @@ pub fn recipe_from_pb(r: &pb::TrainRecipe) -> Result<Recipe> {
         val_fraction: r.val_fraction.unwrap_or(d.val_fraction),
         split_seed: r.split_seed,
         random_split: r.random_split,
-        mode: mode_from_pb(p.mode)?,
+        mode: mode_from_pb(p.mode).map_err(|_| invalid("recipe.prompts.mode", format!("unknown prompt mode {}", p.mode)))?,
         params: SimParams {
             margin: p.margin.unwrap_or(sp.margin),
             max_shift: p.max_shift.unwrap_or(sp.max_shift),
@@ -220,11 +220,13 @@ impl Training {
         // (a resume, or a new run in the folder not created yet) cannot start beside it.
         let reservation = RunReservation::take(&self.runs, &run_id)?;
         let dir = settings.train.output_dir.join(&run_id);
-        let has_last = train::checkpoint_path(&dir, train::LAST).exists();
+        // The sidecar is a run's commit point (written after its checkpoint files): without it the
+        // run ended before its first epoch was saved, and a new run may take the folder over.
+        let has_last = train::sidecar_path(&dir, train::LAST).exists();
         if r.resume && !has_last {
             return Err(Error::NotFound(format!("run {run_id:?} has no checkpoint to resume from in {}", dir.display())));
         }
-        if !r.resume && dir.exists() {
+        if !r.resume && has_last {
             return Err(Error::FailedPrecondition(format!("run {run_id:?} already exists in {}: resume it or choose another run_id", dir.display())));
         }
         // The dataset and the split, checked before the stream starts; the run uses this listing.

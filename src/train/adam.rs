@@ -17,6 +17,11 @@ struct Param {
     m: Tensor,
     v: Tensor,
     lr: f64,
+    /// Whether the variable has had a gradient: from then on a step in which it is not used
+    /// updates it as with a zero gradient (momentum and weight decay go on), as in a run whose
+    /// gradients stay defined from step to step. Saved with the moments, so that a resumed run,
+    /// whose gradients all start undefined, does the same.
+    used: bool,
 }
 
 pub struct Adam {
@@ -34,7 +39,7 @@ impl Adam {
             .into_iter()
             .map(|(name, var)| {
                 let lr = if name.starts_with("image_encoder.") { r.image_encoder_learning_rate } else { r.learning_rate };
-                Param { m: var.zeros_like().detach(), v: var.zeros_like().detach(), name, var, lr }
+                Param { m: var.zeros_like().detach(), v: var.zeros_like().detach(), name, var, lr, used: false }
             })
             .collect();
         Self { params, step: 0, weight_decay: r.weight_decay }
@@ -58,9 +63,14 @@ impl Adam {
         tch::no_grad(|| {
             for p in &mut self.params {
                 let g = p.var.grad();
-                if !g.defined() {
+                let g = if g.defined() {
+                    p.used = true;
+                    g
+                } else if p.used {
+                    p.var.zeros_like()
+                } else {
                     continue;
-                }
+                };
                 let _ = p.m.g_mul_scalar_(BETA1).g_add_(&(&g * (1.0 - BETA1)));
                 let _ = p.v.g_mul_scalar_(BETA2).g_add_(&(&g * &g * (1.0 - BETA2)));
                 let lr = p.lr * lr_factor;
@@ -79,6 +89,7 @@ impl Adam {
         for p in &self.params {
             named.push((format!("m.{}", p.name), p.m.to_device(tch::Device::Cpu)));
             named.push((format!("v.{}", p.name), p.v.to_device(tch::Device::Cpu)));
+            named.push((format!("used.{}", p.name), Tensor::from_slice(&[u8::from(p.used)])));
         }
         named.push(("step".into(), Tensor::from_slice(&[self.step])));
         crate::model::checkpoint::write_safetensors_durable(&named, path, &path.with_extension("safetensors.tmp"))
@@ -97,6 +108,12 @@ impl Adam {
                 };
                 p.m.copy_(&m.to_kind(Kind::Float));
                 p.v.copy_(&v.to_kind(Kind::Float));
+                // Files written before the flag was saved: a variable that had a gradient has a
+                // second moment above zero.
+                p.used = match get(&format!("used.{}", p.name)) {
+                    Some(u) => u.int64_value(&[0]) != 0,
+                    None => p.v.abs().sum(Kind::Float).double_value(&[]) > 0.0,
+                };
             }
             Ok(())
         })

@@ -86,12 +86,18 @@ pub fn load(
     predictor: &Predictor,
     precompute: bool,
     store: Option<&crate::engine::store::EmbeddingStore>,
-) -> Result<(Vec<Sample>, Vec<Sample>, Skipped)> {
+    cancelled: &dyn Fn() -> bool,
+) -> Result<Option<(Vec<Sample>, Vec<Sample>, Skipped)>> {
     let by_id: HashMap<&str, &crate::eval::dataset::Item> = ds.items.iter().map(|i| (i.id.as_str(), i)).collect();
     let mut skipped = Vec::new();
-    let mut side = |ids: &[String]| -> Result<Vec<Sample>> {
+    // None: cancelled. Checked per image: precomputing the embeddings of a large split takes
+    // hours on a CPU, and a cancelled run must free its device.
+    let mut side = |ids: &[String]| -> Result<Option<Vec<Sample>>> {
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
+            if cancelled() {
+                return Ok(None);
+            }
             let Some(item) = by_id.get(id.as_str()) else {
                 skipped.push((id.clone(), "no longer in the dataset".into()));
                 continue;
@@ -102,16 +108,19 @@ pub fn load(
                 Err(e) => return Err(e),
             }
         }
-        Ok(out)
+        Ok(Some(out))
     };
-    let train = side(&split.train)?;
-    let val = side(&split.val)?;
-    Ok((train, val, skipped))
+    let Some(train) = side(&split.train)? else { return Ok(None) };
+    let Some(val) = side(&split.val)? else { return Ok(None) };
+    Ok(Some((train, val, skipped)))
 }
 
 fn load_one(item: &crate::eval::dataset::Item, predictor: &Predictor, precompute: bool, store: Option<&crate::engine::store::EmbeddingStore>) -> Result<Sample> {
     let bytes = read_file(&item.image)?;
     let image = crate::image_io::decode_rgb(&bytes, "image", 100_000_000)?;
+    // An image the model cannot take (too elongated to resize) is skipped here in every mode,
+    // not found failing a training step hours into a run that trains the image encoder.
+    predictor.check_image(&image)?;
     let truth = decode_mask(&read_file(&item.mask)?, "mask")?;
     let (truth, _) = truth.fitted_to(image.width(), image.height());
     if truth.area() == 0 {

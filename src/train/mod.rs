@@ -148,8 +148,16 @@ impl Recipe {
         if self.augment && !self.train_image_encoder {
             return Err(invalid("recipe.augment", "augmentation needs train_image_encoder (precomputed embeddings cannot be augmented)"));
         }
-        if self.prompt_mix.iter().any(|(_, w)| !(w.is_finite() && *w >= 0.0)) || (!self.prompt_mix.is_empty() && self.prompt_mix.iter().all(|(_, w)| *w == 0.0)) {
-            return Err(invalid("recipe.prompt_mix", "weights must be finite, >= 0 and not all 0"));
+        // The sum too: the kinds are drawn from [0, sum), which must be a finite range.
+        let mix_sum: f64 = self.prompt_mix.iter().map(|(_, w)| w).sum();
+        if self.prompt_mix.iter().any(|(_, w)| !(w.is_finite() && *w >= 0.0))
+            || (!self.prompt_mix.is_empty() && (mix_sum == 0.0 || !mix_sum.is_finite()))
+        {
+            return Err(invalid("recipe.prompt_mix", "weights must be finite, >= 0, not all 0, and with a finite sum"));
+        }
+        if self.patience == 0 {
+            // 0 would stop after the first epoch even when it improved.
+            return Err(invalid("recipe.patience", "must be at least 1 (epochs without improvement before stopping)"));
         }
         if !(self.weight_decay.is_finite() && (0.0..1.0).contains(&self.weight_decay)) {
             return Err(invalid("recipe.weight_decay", format!("{} is not in [0, 1)", self.weight_decay)));
@@ -281,7 +289,7 @@ pub fn checkpoint_path(dir: &Path, which: &str) -> PathBuf {
     dir.join(format!("{which}.safetensors"))
 }
 
-fn sidecar_path(dir: &Path, which: &str) -> PathBuf {
+pub fn sidecar_path(dir: &Path, which: &str) -> PathBuf {
     dir.join(format!("{which}.json"))
 }
 
@@ -347,6 +355,31 @@ pub fn run(job: &Job, mut emit: impl FnMut(Event) -> bool, cancelled_now: impl F
         if s.recipe != *r || s.base.sha256 != job.base.sha256 {
             return Err(Error::FailedPrecondition(format!("run {} was started with another recipe or base model; start a new run", job.run_id)));
         }
+        if s.dataset != job.dataset {
+            // The split is a list of image ids: in another dataset they name other images.
+            return Err(Error::FailedPrecondition(format!(
+                "run {} was started on the dataset {}, not {}; resume it with that one",
+                job.run_id,
+                s.dataset.display(),
+                job.dataset.display()
+            )));
+        }
+        // A run that had already ended (early stopping, or all its epochs) stays ended, as it
+        // would have without the interruption: no data to load, nothing to train.
+        let ended = if s.epochs_without_improvement >= r.patience {
+            Some("early_stopping")
+        } else {
+            (s.epoch >= r.epochs).then_some("epochs")
+        };
+        if let Some(stopped) = ended {
+            return Ok(Finished {
+                best_epoch: s.best_epoch,
+                best_val_dice: s.best_val_dice,
+                best_checkpoint: checkpoint_path(&job.dir, BEST),
+                last_checkpoint: checkpoint_path(&job.dir, LAST),
+                stopped: stopped.into(),
+            });
+        }
         checkpoint::load_strict(&mut sam.vs, &checkpoint_path(&job.dir, LAST))?;
     }
     let ds = &job.listing;
@@ -356,15 +389,25 @@ pub fn run(job: &Job, mut emit: impl FnMut(Event) -> bool, cancelled_now: impl F
     };
     let store = crate::engine::store::EmbeddingStore::new(job.embedding_store.as_deref(), Some(&job.base.sha256), crate::model::Precision::Fp32, job.device);
     let predictor = Predictor::new(sam);
-    let (train, val, skipped) = data::load(ds, &split, &predictor, !r.train_image_encoder, store.as_ref())?;
+    let Some((train, val, skipped)) = data::load(ds, &split, &predictor, !r.train_image_encoder, store.as_ref(), &cancelled_now)? else {
+        return Ok(cancelled(job, resumed.as_ref().map_or(0, |s| s.best_epoch), resumed.as_ref().map_or(f64::NEG_INFINITY, |s| s.best_val_dice)));
+    };
     if train.is_empty() || val.is_empty() {
         return Err(invalid("dataset", format!("{} training and {} validation images: need at least one of each", train.len(), val.len())));
     }
     let mut sam = predictor.sam;
     data::set_trainable(&mut sam, r);
     let mut adam = Adam::new(&sam, r);
-    if resumed.is_some() {
+    if let Some(s) = &resumed {
         adam.load(&optimizer_path(&job.dir))?;
+        if adam.step != s.adam_step {
+            // The weights, Adam's state and the sidecar are three files: a run stopped while
+            // writing them leaves them from different epochs, and resuming would not be exact.
+            return Err(Error::FailedPrecondition(format!(
+                "run {}: the optimizer state is at step {} but the run's record at step {} (interrupted while writing its checkpoint); start a new run",
+                job.run_id, adam.step, s.adam_step
+            )));
+        }
     }
     let mut history = resumed.as_ref().map(|s| s.history.clone()).unwrap_or_default();
     let mut best_epoch = resumed.as_ref().map_or(0, |s| s.best_epoch);
@@ -391,7 +434,9 @@ pub fn run(job: &Job, mut emit: impl FnMut(Event) -> bool, cancelled_now: impl F
         // Epoch 0: the base model's scores, for reference. "Best" starts at the first trained
         // epoch, so that every run has a best checkpoint to register.
         let t = Instant::now();
-        let (val_all, by_label, val_multimask) = validate(&sam, &val, r);
+        let Some((val_all, by_label, val_multimask)) = validate(&sam, &val, r, &cancelled_now) else {
+            return Ok(cancelled(job, best_epoch, best));
+        };
         let rec = EpochRecord { epoch: 0, val: val_all, val_by_label: by_label, val_multimask, seconds: t.elapsed().as_secs_f64(), learning_rate: r.learning_rate, ..Default::default() };
         history.push(rec.clone());
         if !emit(Event::Epoch(rec)) {
@@ -420,7 +465,9 @@ pub fn run(job: &Job, mut emit: impl FnMut(Event) -> bool, cancelled_now: impl F
                 return Ok(cancelled(job, best_epoch, best));
             }
         }
-        let (val_all, by_label, val_multimask) = validate(&sam, &val, r);
+        let Some((val_all, by_label, val_multimask)) = validate(&sam, &val, r, &cancelled_now) else {
+            return Ok(cancelled(job, best_epoch, best));
+        };
         let improved = val_all.dice > best + r.min_delta;
         if improved {
             best = val_all.dice;
@@ -445,7 +492,14 @@ pub fn run(job: &Job, mut emit: impl FnMut(Event) -> bool, cancelled_now: impl F
             best: improved,
         };
         history.push(rec.clone());
-        // Checkpoints: weights, then Adam's state, then the sidecar that points at both.
+        // Checkpoints: the best one first (when this epoch is it), then the weights, Adam's state
+        // and last the sidecar that points at them all: the sidecar is the commit point, so a
+        // run stopped in between resumes from the previous epoch, whose best_epoch names the
+        // weights that best.safetensors holds.
+        if improved {
+            checkpoint::save_safetensors(&sam.vs, &checkpoint_path(&job.dir, BEST))?;
+            write_json_atomic(&sidecar_path(&job.dir, BEST), &sidecar(epoch, &history, best_epoch, best, stale, adam.step))?;
+        }
         checkpoint::save_safetensors(&sam.vs, &checkpoint_path(&job.dir, LAST))?;
         adam.save(&optimizer_path(&job.dir))?;
         write_json_atomic(&sidecar_path(&job.dir, LAST), &sidecar(epoch, &history, best_epoch, best, stale, adam.step))?;
@@ -457,10 +511,6 @@ pub fn run(job: &Job, mut emit: impl FnMut(Event) -> bool, cancelled_now: impl F
                 }
             }
             Err(e) => tracing::warn!(error = %e, "plotting the training curve"),
-        }
-        if improved {
-            checkpoint::save_safetensors(&sam.vs, &checkpoint_path(&job.dir, BEST))?;
-            write_json_atomic(&sidecar_path(&job.dir, BEST), &sidecar(epoch, &history, best_epoch, best, stale, adam.step))?;
         }
         if !emit(Event::Epoch(rec)) {
             return Ok(cancelled(job, best_epoch, best));
@@ -579,16 +629,21 @@ fn decode_batch(sam: &Sam, prepared: &[data::Prepared], mode: PromptMode, all_ou
 
 /// Validation Dice / IoU / accuracy at full resolution (as the evaluation measures), overall and
 /// per lesion type, with the fixed validation prompts; with `multimask`, also overall for the
-/// multimask output with the highest predicted IoU.
-fn validate(sam: &Sam, val: &[Sample], r: &Recipe) -> (LabelScores, BTreeMap<String, LabelScores>, Option<LabelScores>) {
+/// multimask output with the highest predicted IoU. None when `cancelled()` turns true (checked
+/// per batch).
+type Validation = (LabelScores, BTreeMap<String, LabelScores>, Option<LabelScores>);
+fn validate(sam: &Sam, val: &[Sample], r: &Recipe, cancelled: &dyn Fn() -> bool) -> Option<Validation> {
     let mut rows: Vec<(Option<String>, ImageScores)> = Vec::with_capacity(val.len());
     let mut multi_rows: Vec<(Option<String>, ImageScores)> = Vec::new();
     let to_mask = |t: &Tensor, p: &data::Prepared| {
         let full = sam.postprocess_masks(t, p.input_size, p.original_size);
         Vec::<u8>::try_from(full.gt(0.0).to_kind(Kind::Uint8).flatten(0, -1).to_device(Device::Cpu)).unwrap_or_default()
     };
-    tch::no_grad(|| {
+    let completed = tch::no_grad(|| {
         for chunk in val.chunks(r.batch_size.max(1)) {
+            if cancelled() {
+                return false;
+            }
             // A sample that cannot be prepared is left out of the scores, keeping each with its own.
             let (prepared, samples): (Vec<data::Prepared>, Vec<&Sample>) =
                 chunk.iter().filter_map(|s| data::prepare(s, r, data::VALIDATION_EPOCH, sam).ok().map(|p| (p, s))).unzip();
@@ -605,11 +660,15 @@ fn validate(sam: &Sam, val: &[Sample], r: &Recipe) -> (LabelScores, BTreeMap<Str
                 }
             }
         }
+        true
     });
+    if !completed {
+        return None;
+    }
     let conv = |g: &crate::eval::scores::GroupSummary| LabelScores { dice: g.dice.mean, iou: g.iou.mean, accuracy: g.accuracy.mean, n: g.n };
     let summary = Summary::of(rows.iter().map(|(l, s)| (l.as_deref(), *s)));
     let multi = r.multimask.then(|| conv(&Summary::of(multi_rows.iter().map(|(l, s)| (l.as_deref(), *s))).overall));
-    (conv(&summary.overall), summary.by_label.iter().map(|(k, v)| (k.clone(), conv(v))).collect(), multi)
+    Some((conv(&summary.overall), summary.by_label.iter().map(|(k, v)| (k.clone(), conv(v))).collect(), multi))
 }
 
 #[cfg(test)]
