@@ -114,6 +114,9 @@ def main():
             check("unknown model is NOT_FOUND", e.code() == grpc.StatusCode.NOT_FOUND, e)
         text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
         check("metrics expose request latency", "skinsam_request_duration_seconds_bucket" in text)
+        # Model ids a client makes up are not label values (one series each would grow without
+        # bound): the "nope" call above is counted under model="unknown".
+        check("unknown model ids are labelled \"unknown\"", 'model="unknown"' in text and 'model="nope"' not in text)
         promtool = shutil.which("promtool")
         if promtool:
             p = subprocess.run([promtool, "check", "metrics"], input=text, text=True, capture_output=True)

@@ -123,11 +123,14 @@ pub fn segment(conn: &Conn, model: &str, image: &Path, bbox: Option<[f32; 4]>, p
         anyhow::Ok(c.segment(conn.request(req)?).await?.into_inner())
     })?;
     let m = resp.masks.first().context("no mask in the response")?;
-    std::fs::write(out, &m.png).with_context(|| format!("writing {}", out.display()))?;
+    // Both files are made in memory first, then each written atomically: a failure leaves
+    // neither a partial file nor a mask without its overlay.
     let mask = image::load_from_memory(&m.png)?.into_luma8();
     let img = crate::image_io::decode_rgb(&bytes, "image", u64::MAX)?;
+    let overlay_png = crate::eval::report::png(&overlay(&img, &mask))?;
     let overlay_path = out.with_file_name(format!("{}_overlay.png", out.file_stem().and_then(|s| s.to_str()).unwrap_or("mask")));
-    overlay(&img, &mask).save(&overlay_path)?;
+    crate::eval::report::write_atomic(out, &m.png).with_context(|| format!("writing {}", out.display()))?;
+    crate::eval::report::write_atomic(&overlay_path, &overlay_png)?;
     println!(
         "{}: area {} px, scores {:?} (chosen {}), queue {:.1} ms, compute {:.1} ms{} -> {} and {}",
         image.display(),

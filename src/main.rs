@@ -41,10 +41,10 @@ enum Command {
         #[arg(long, default_value = "skinsam-tiny")]
         model: String,
         /// x0,y0,x1,y1 in image pixels.
-        #[arg(long, value_parser = parse_floats::<4>)]
+        #[arg(long, value_parser = parse_floats::<4>, allow_hyphen_values = true)]
         r#box: Option<[f32; 4]>,
         /// x,y of a foreground point (repeatable).
-        #[arg(long, value_parser = parse_floats::<2>)]
+        #[arg(long, value_parser = parse_floats::<2>, allow_hyphen_values = true)]
         point: Vec<[f32; 2]>,
         #[arg(long, default_value = "mask.png")]
         out: PathBuf,
@@ -114,10 +114,10 @@ enum Command {
         #[arg(long)]
         checkpoint: PathBuf,
         /// x0,y0,x1,y1 in image pixels.
-        #[arg(long, value_parser = parse_floats::<4>)]
+        #[arg(long, value_parser = parse_floats::<4>, allow_hyphen_values = true)]
         r#box: Option<[f32; 4]>,
         /// x,y of a foreground point (repeatable).
-        #[arg(long, value_parser = parse_floats::<2>)]
+        #[arg(long, value_parser = parse_floats::<2>, allow_hyphen_values = true)]
         point: Vec<[f32; 2]>,
         #[arg(long, default_value = "mask.png")]
         out: PathBuf,
@@ -135,9 +135,9 @@ enum Command {
         checkpoint: Option<PathBuf>,
         #[arg(long)]
         image: PathBuf,
-        #[arg(long, value_parser = parse_floats::<4>)]
+        #[arg(long, value_parser = parse_floats::<4>, allow_hyphen_values = true)]
         r#box: [f32; 4],
-        #[arg(long, value_parser = parse_floats::<2>)]
+        #[arg(long, value_parser = parse_floats::<2>, allow_hyphen_values = true)]
         point: [f32; 2],
         #[arg(long, default_value = "fp32")]
         precision: Precision,
@@ -171,9 +171,9 @@ enum Command {
         model: String,
         #[arg(long)]
         image: PathBuf,
-        #[arg(long, value_parser = parse_floats::<4>)]
+        #[arg(long, value_parser = parse_floats::<4>, allow_hyphen_values = true)]
         r#box: [f32; 4],
-        #[arg(long, value_parser = parse_floats::<2>)]
+        #[arg(long, value_parser = parse_floats::<2>, allow_hyphen_values = true)]
         point: [f32; 2],
         #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
         concurrency: Vec<usize>,
@@ -201,9 +201,9 @@ enum Command {
         checkpoint: Option<PathBuf>,
         #[arg(long)]
         image: PathBuf,
-        #[arg(long, value_parser = parse_floats::<4>)]
+        #[arg(long, value_parser = parse_floats::<4>, allow_hyphen_values = true)]
         r#box: [f32; 4],
-        #[arg(long, value_parser = parse_floats::<2>)]
+        #[arg(long, value_parser = parse_floats::<2>, allow_hyphen_values = true)]
         point: [f32; 2],
         #[arg(long, default_value_t = 100)]
         n: usize,
@@ -561,7 +561,7 @@ fn main() -> anyhow::Result<()> {
             let mask = pred.masks.get(pred.best as i64).to_kind(tch::Kind::Uint8) * 255;
             let (h, w) = (mask.size()[0] as u32, mask.size()[1] as u32);
             let buf = Vec::<u8>::try_from(mask.flatten(0, -1))?;
-            image::GrayImage::from_raw(w, h, buf).context("mask buffer")?.save(&out)?;
+            skinsam::eval::report::write_atomic(&out, &skinsam::masks::to_png(&buf, h, w)?)?;
             eprintln!(
                 "embed {:.0} ms, predict {:.1} ms, scores {:?}, best {}{} -> {}",
                 t_embed.as_secs_f64() * 1e3,

@@ -6,6 +6,7 @@ use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct ModelSettings {
     pub id: String,
     pub variant: SamVariant,
@@ -24,12 +25,14 @@ fn default_precision() -> Precision {
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct CacheSettings {
     /// Embedding cache budget per model, in bytes (a vit embedding is 4 MiB).
     pub max_bytes: u64,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct LimitSettings {
     /// Largest gRPC message accepted or sent, in bytes.
     pub max_message_bytes: usize,
@@ -48,6 +51,7 @@ pub struct LimitSettings {
 }
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct AuthSettings {
     /// Bearer token required on every RPC when set.
     #[serde(default)]
@@ -60,6 +64,7 @@ pub struct AuthSettings {
 
 /// TLS for the gRPC port: both files (PEM) or neither.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct TlsSettings {
     #[serde(default)]
     pub cert: Option<PathBuf>,
@@ -69,10 +74,12 @@ pub struct TlsSettings {
 
 /// Dataset evaluation (EvaluationService).
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct EvalSettings {
     /// Folders under which Evaluate may read server-side datasets; empty = none allowed
-    /// (clients can still stream images with EvaluateUpload).
-    #[serde(default)]
+    /// (clients can still stream images with EvaluateUpload). A TOML list, or in the
+    /// environment a comma-separated one (SKINSAM__EVAL__DATASET_ROOTS=/data/a,/data/b).
+    #[serde(default, deserialize_with = "list_or_commas")]
     pub dataset_roots: Vec<PathBuf>,
     /// Where image embeddings are persisted (safetensors keyed by checkpoint checksum + image
     /// hash) so a later evaluation or training run does not re-encode; absent = memory only.
@@ -80,8 +87,24 @@ pub struct EvalSettings {
     pub embedding_store: Option<PathBuf>,
 }
 
+/// A list of paths from a TOML array, or from one comma-separated string (an environment
+/// variable: the environment is read as strings, so that tokens keep their leading zeros).
+fn list_or_commas<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<PathBuf>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum ListOrCommas {
+        List(Vec<PathBuf>),
+        Commas(String),
+    }
+    Ok(match ListOrCommas::deserialize(d)? {
+        ListOrCommas::List(v) => v,
+        ListOrCommas::Commas(s) => s.split(',').map(str::trim).filter(|p| !p.is_empty()).map(PathBuf::from).collect(),
+    })
+}
+
 /// Fine-tuning (TrainingService).
 #[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct TrainSettings {
     /// Where runs write their checkpoints (`<output_dir>/<run_id>/`).
     #[serde(default = "default_runs_dir")]
@@ -100,6 +123,7 @@ fn default_runs_dir() -> PathBuf {
 
 /// One target of an alias.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct AliasRoute {
     pub model: String,
     pub weight: u32,
@@ -108,12 +132,14 @@ pub struct AliasRoute {
 /// A model id that routes Segment requests between models by weight (online A/B, canary),
 /// sticky per image: the same image always goes to the same model.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct AliasSettings {
     pub name: String,
     pub routes: Vec<AliasRoute>,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct Settings {
     pub grpc_addr: String,
     /// Prometheus exposition (/metrics); empty disables it.
@@ -137,6 +163,9 @@ pub struct Settings {
     #[serde(default)]
     pub train: TrainSettings,
 }
+
+/// The smallest `limits.max_message_bytes`: embeddings stream in chunks of the limit less 64 KiB.
+pub const MIN_MESSAGE_BYTES: usize = 128 * 1024;
 
 const DEFAULTS: &str = r#"
 grpc_addr = "127.0.0.1:50051"
@@ -166,15 +195,77 @@ request_timeout_ms = 120000
 "#;
 
 impl Settings {
-    /// Defaults, then `file` (TOML) if given, then SKINSAM__* environment variables.
+    /// Defaults, then `file` (TOML) if given, then SKINSAM__* environment variables; checked.
     pub fn load(file: Option<&Path>) -> Result<Self, config::ConfigError> {
+        Self::load_with_env(file, None)
+    }
+
+    /// [`Self::load`] reading `env` (variable -> value) instead of the process's environment
+    /// when given: for tests.
+    pub fn load_with_env(file: Option<&Path>, env: Option<config::Map<String, String>>) -> Result<Self, config::ConfigError> {
         let mut b = config::Config::builder().add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml));
         if let Some(f) = file {
             b = b.add_source(config::File::from(f).format(config::FileFormat::Toml).required(true));
         }
-        b.add_source(config::Environment::with_prefix("SKINSAM").prefix_separator("__").separator("__").try_parsing(true))
-            .build()?
-            .try_deserialize()
+        // Values stay strings, converted by each field's type: with try_parsing the crate turned
+        // a token of digits into a number and back ("0123" -> "123"). Unknown keys are errors
+        // (deny_unknown_fields), so a misspelt SKINSAM__AUTH_TOKEN cannot leave auth off unseen.
+        let env = config::Environment::with_prefix("SKINSAM").prefix_separator("__").separator("__").source(env);
+        let s: Self = b.add_source(env).build()?.try_deserialize()?;
+        s.validate().map_err(config::ConfigError::Message)?;
+        Ok(s)
+    }
+
+    /// Values that would only fail later, or fail open, refused at start with the field named.
+    pub fn validate(&self) -> Result<(), String> {
+        for (field, token) in [("auth.token", &self.auth.token), ("auth.admin_token", &self.auth.admin_token)] {
+            if token.as_deref().is_some_and(|t| t.trim().is_empty()) {
+                // An empty token would admit an empty "Bearer " header.
+                return Err(format!("{field}: is empty; leave it out to turn it off"));
+            }
+        }
+        let l = &self.limits;
+        if l.request_timeout_ms == 0 {
+            return Err("limits.request_timeout_ms: must be > 0 (every request would time out at once)".into());
+        }
+        if l.max_message_bytes < MIN_MESSAGE_BYTES {
+            return Err(format!("limits.max_message_bytes: {} is under the minimum of {MIN_MESSAGE_BYTES}", l.max_message_bytes));
+        }
+        for (field, v) in [
+            ("limits.max_image_pixels", l.max_image_pixels),
+            ("limits.max_prompts", l.max_prompts as u64),
+            ("limits.max_points", l.max_points as u64),
+            ("cache.max_bytes", self.cache.max_bytes),
+        ] {
+            if v == 0 {
+                return Err(format!("{field}: must be > 0"));
+            }
+        }
+        if self.threads < 0 {
+            return Err(format!("threads: {} is negative (0: one per core)", self.threads));
+        }
+        if !matches!(self.log_format.as_str(), "text" | "json") {
+            return Err(format!("log_format: {:?} is not \"text\" or \"json\"", self.log_format));
+        }
+        let mut ids = std::collections::HashSet::new();
+        for m in &self.models {
+            if m.id.is_empty() || !ids.insert(m.id.as_str()) {
+                return Err(format!("models: id {:?} is empty or named twice", m.id));
+            }
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, a) in self.aliases.iter().enumerate() {
+            if a.name.is_empty() || ids.contains(a.name.as_str()) || !names.insert(a.name.as_str()) {
+                return Err(format!("aliases[{i}].name: {:?} is empty, a model's id or named twice", a.name));
+            }
+            if a.routes.iter().map(|r| u64::from(r.weight)).sum::<u64>() == 0 {
+                return Err(format!("aliases[{i}].routes: need at least one route with a weight above 0"));
+            }
+            if let Some(r) = a.routes.iter().find(|r| !ids.contains(r.model.as_str())) {
+                return Err(format!("aliases[{i}].routes: model {:?} is not in models", r.model));
+            }
+        }
+        Ok(())
     }
 
     /// Defaults only (no file, no environment): for tests.
@@ -184,5 +275,63 @@ impl Settings {
             .build()
             .and_then(|c| c.try_deserialize())
             .expect("built-in defaults parse")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Option<config::Map<String, String>> {
+        Some(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
+    }
+
+    #[test]
+    fn environment_values_keep_their_text_and_fill_typed_fields() {
+        let s = Settings::load_with_env(
+            None,
+            env(&[
+                ("SKINSAM__AUTH__TOKEN", "0123"),
+                ("SKINSAM__AUTH__ADMIN_TOKEN", "12345678901234567890"),
+                ("SKINSAM__LIMITS__QUEUE_DEPTH", "8"),
+                ("SKINSAM__EVAL__DATASET_ROOTS", "/a, /b"),
+                ("SKINSAM__THREADS", "2"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.auth.token.as_deref(), Some("0123"));
+        assert_eq!(s.auth.admin_token.as_deref(), Some("12345678901234567890"));
+        assert_eq!((s.limits.queue_depth, s.threads), (8, 2));
+        assert_eq!(s.eval.dataset_roots, [PathBuf::from("/a"), PathBuf::from("/b")]);
+        assert_eq!(Settings::load_with_env(None, env(&[])).unwrap(), Settings::defaults());
+    }
+
+    #[test]
+    fn misspelt_or_bad_settings_are_refused_with_the_field_named() {
+        for (pairs, needle) in [
+            (vec![("SKINSAM__AUTH_TOKEN", "s")], "auth_token"),
+            (vec![("SKINSAM__AUTH__ADMIN_TOKEN", " ")], "auth.admin_token"),
+            (vec![("SKINSAM__LIMITS__REQUEST_TIMEOUT_MS", "0")], "limits.request_timeout_ms"),
+            (vec![("SKINSAM__LIMITS__MAX_MESSAGE_BYTES", "1000")], "limits.max_message_bytes"),
+            (vec![("SKINSAM__CACHE__MAX_BYTES", "0")], "cache.max_bytes"),
+            (vec![("SKINSAM__LOG_FORMAT", "JSON")], "log_format"),
+            (vec![("SKINSAM__THREADS", "-1")], "threads"),
+            (vec![("SKINSAM__LIMITS__QUEUE_DEPTH", "many")], "queue_depth"),
+        ] {
+            let e = Settings::load_with_env(None, env(&pairs)).unwrap_err().to_string();
+            assert!(e.contains(needle), "{needle:?} in {e:?}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        for (toml, needle) in [
+            ("[[aliases]]\nname = \"ab\"\nroutes = [{ model = \"nope\", weight = 1 }]\n", "aliases[0].routes"),
+            ("[[aliases]]\nname = \"ab\"\nroutes = []\n", "aliases[0].routes"),
+            ("[[aliases]]\nname = \"skinsam-tiny\"\nroutes = [{ model = \"skinsam-tiny\", weight = 1 }]\n", "aliases[0].name"),
+            ("[limit]\nqueue_depth = 1\n", "limit"),
+        ] {
+            let f = dir.path().join("c.toml");
+            std::fs::write(&f, toml).unwrap();
+            let e = Settings::load_with_env(Some(&f), env(&[])).unwrap_err().to_string();
+            assert!(e.contains(needle), "{needle:?} in {e:?}");
+        }
     }
 }

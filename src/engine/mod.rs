@@ -186,6 +186,17 @@ impl Registry {
         self.inner.models.get(id).map(|e| e.info.clone()).ok_or_else(|| not_found(id))
     }
 
+    /// The `model` label of a request's metrics: the id when it names a model this server has
+    /// (in any state) or an alias, else "unknown". Label values are never taken from the request
+    /// as they are: one series per id a client makes up would grow without bound.
+    pub fn metric_label(&self, id: &str) -> String {
+        if self.inner.models.contains_key(id) || self.inner.settings.aliases.iter().any(|a| a.name == id) {
+            id.to_owned()
+        } else {
+            UNKNOWN_MODEL_LABEL.to_owned()
+        }
+    }
+
     pub fn any_ready(&self) -> bool {
         self.inner.models.iter().any(|e| e.info.state == ModelState::Ready)
     }
@@ -355,6 +366,9 @@ impl Registry {
 }
 
 /// The route whose share of the total weight holds hash(key): sticky and proportional.
+/// The metrics' `model` label for an id that names no model or alias.
+pub const UNKNOWN_MODEL_LABEL: &str = "unknown";
+
 pub fn pick_route<'a>(routes: &'a [crate::settings::AliasRoute], key: &[u8]) -> &'a str {
     use sha2::{Digest, Sha256};
     let total: u64 = routes.iter().map(|r| u64::from(r.weight)).sum();

@@ -39,7 +39,7 @@ async fn run(registry: &Registry, r: pb::EmbedRequest) -> Result<EmbedOutput, St
 impl EmbeddingService for Embedding {
     async fn embed(&self, req: Request<pb::EmbedRequest>) -> Result<Response<pb::EmbedResponse>, Status> {
         let r = req.into_inner();
-        let obs = Observe::start("Embed", &r.model_id);
+        let obs = Observe::start("Embed", &self.registry.metric_label(&r.model_id));
         let req_id = r.request_id.clone();
         let fmt = r.return_embedding;
         let max = self.registry.settings().limits.max_message_bytes;
@@ -70,7 +70,7 @@ impl EmbeddingService for Embedding {
         Ok(Response::new(ordered_stream(req.into_inner(), move |r: pb::EmbedRequest, tx| {
             let registry = registry.clone();
             async move {
-                let obs = Observe::start("EmbedStream", &r.model_id);
+                let obs = Observe::start("EmbedStream", &registry.metric_label(&r.model_id));
                 let req_id = r.request_id.clone();
                 let fmt = r.return_embedding;
                 let res = run(&registry, r).await;

@@ -197,9 +197,11 @@ fn spawn_run(
     total: usize,
 ) -> ResponseStream<pb::EvaluateResponse> {
     let (tx, rx) = mpsc::channel(EVENT_BUFFER);
-    let models = req.models.clone();
+    // A one-model run is labelled with its model (when the server knows it); a comparison of
+    // several with none, so that combinations of models make no series of their own.
+    let label = if req.models.len() == 1 { registry.metric_label(&req.models[0]) } else { String::new() };
     tokio::spawn(runner::run(registry, req, inputs, total, tx));
-    let obs = std::sync::Mutex::new(Some(Observe::start("Evaluate", &models.join(","))));
+    let obs = std::sync::Mutex::new(Some(Observe::start("Evaluate", &label)));
     Box::pin(ReceiverStream::new(rx).map(move |r| {
         let r = r.map(|e| event_to_pb(e, &settings, &dataset)).map_err(to_status);
         let is_final = matches!(&r, Ok(pb::EvaluateResponse { event: Some(pb::evaluate_response::Event::Summary(s)) }) if s.r#final);

@@ -145,7 +145,8 @@ pub fn check_bearer<T>(req: &tonic::Request<T>, token: Option<&str>) -> Result<(
     let Some(token) = token else { return Ok(()) };
     let got = req.metadata().get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
     match got {
-        Some(t) if constant_time_eq(t.as_bytes(), token.as_bytes()) => Ok(()),
+        // An empty token never matches (settings refuse an empty one; this guards the check itself).
+        Some(t) if !t.is_empty() && constant_time_eq(t.as_bytes(), token.as_bytes()) => Ok(()),
         Some(_) => Err(Status::permission_denied("wrong bearer token")),
         None => Err(Status::unauthenticated("missing 'authorization: Bearer <token>' metadata")),
     }
@@ -153,4 +154,18 @@ pub fn check_bearer<T>(req: &tonic::Request<T>, token: Option<&str>) -> Result<(
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_bearer_token_never_matches() {
+        let mut req = tonic::Request::new(());
+        req.metadata_mut().insert("authorization", "Bearer ".parse().unwrap());
+        assert_eq!(check_bearer(&req, Some("")).unwrap_err().code(), Code::PermissionDenied);
+        req.metadata_mut().insert("authorization", "Bearer t".parse().unwrap());
+        assert!(check_bearer(&req, Some("t")).is_ok());
+    }
 }

@@ -22,7 +22,7 @@ impl ModelService for Models {
 
     async fn get_model(&self, req: Request<pb::GetModelRequest>) -> Result<Response<pb::ModelInfo>, Status> {
         let id = req.into_inner().id;
-        let obs = Observe::start("GetModel", &id);
+        let obs = Observe::start("GetModel", &self.registry.metric_label(&id));
         let r = self.registry.get(&id).map(|i| Response::new(model_info_to_pb(&i))).map_err(to_status);
         obs.finish(&r);
         r
@@ -31,7 +31,7 @@ impl ModelService for Models {
     async fn load_model(&self, req: Request<pb::LoadModelRequest>) -> Result<Response<pb::ModelInfo>, Status> {
         check_bearer(&req, self.registry.settings().auth.admin_token.as_deref())?;
         let r = req.into_inner();
-        let obs = Observe::start("LoadModel", &r.id);
+        let obs = Observe::start("LoadModel", &self.registry.metric_label(&r.id));
         let res = (|| {
             let ms = ModelSettings {
                 id: r.id.clone(),
@@ -51,7 +51,7 @@ impl ModelService for Models {
     async fn unload_model(&self, req: Request<pb::UnloadModelRequest>) -> Result<Response<pb::UnloadModelResponse>, Status> {
         check_bearer(&req, self.registry.settings().auth.admin_token.as_deref())?;
         let id = req.into_inner().id;
-        let obs = Observe::start("UnloadModel", &id);
+        let obs = Observe::start("UnloadModel", &self.registry.metric_label(&id));
         let r = self.registry.unload(&id).map(|_| Response::new(pb::UnloadModelResponse {})).map_err(to_status);
         obs.finish(&r);
         r

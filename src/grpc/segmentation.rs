@@ -52,7 +52,7 @@ async fn run(registry: &Registry, r: pb::SegmentRequest) -> Result<pb::SegmentRe
 impl SegmentationService for Segmentation {
     async fn segment(&self, req: Request<pb::SegmentRequest>) -> Result<Response<pb::SegmentResponse>, Status> {
         let r = req.into_inner();
-        let obs = Observe::start("Segment", &r.model_id);
+        let obs = Observe::start("Segment", &self.registry.metric_label(&r.model_id));
         let res = run(&self.registry, r).await.map(Response::new);
         obs.finish(&res);
         res
@@ -65,7 +65,7 @@ impl SegmentationService for Segmentation {
         Ok(Response::new(ordered_stream(req.into_inner(), move |r: pb::SegmentRequest, tx| {
             let registry = registry.clone();
             async move {
-                let obs = Observe::start("SegmentStream", &r.model_id);
+                let obs = Observe::start("SegmentStream", &registry.metric_label(&r.model_id));
                 let res = run(&registry, r).await;
                 obs.finish(&res);
                 let ok = res.is_ok();
