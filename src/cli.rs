@@ -51,6 +51,9 @@ impl Conn {
     pub async fn channel(&self) -> anyhow::Result<tonic::transport::Channel> {
         let mut ep = tonic::transport::Endpoint::from_shared(self.server.clone())?;
         if let Some(ca) = &self.ca_cert {
+            // tonic speaks TLS only to https:// addresses: with http:// the token would go out
+            // in plaintext though a certificate authority was given.
+            anyhow::ensure!(self.server.starts_with("https://"), "--ca-cert needs an https:// server address, not {}", self.server);
             let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
             ep = ep.tls_config(tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(pem)))?;
         }

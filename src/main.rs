@@ -589,6 +589,11 @@ fn main() -> anyhow::Result<()> {
             println!("{}", serde_json::to_string(&r)?);
         }
         Command::Loadgen { model, image, r#box, point, concurrency, requests, prompts, embed_images, embed_concurrency, segment_new_images, client } => {
+            // Refused rather than ignored: the load generator measures a plain loopback server.
+            anyhow::ensure!(
+                client.token.is_none() && client.ca_cert.is_none(),
+                "loadgen connects without a token or TLS: point it at a server without auth and TLS"
+            );
             let bytes = std::fs::read(&image).with_context(|| format!("reading {}", image.display()))?;
             let prompt = Prompt { points: vec![PointPrompt { x: point[0], y: point[1], label: 1 }], bbox: Some(r#box), mask_input: None };
             let rt = tokio::runtime::Runtime::new()?;

@@ -48,6 +48,9 @@ pub struct LimitSettings {
     pub max_embed_batch: usize,
     /// Server-side deadline for one request, in milliseconds (a client deadline can shorten it).
     pub request_timeout_ms: u64,
+    /// After SIGTERM, how long in-flight calls may finish before the streams still open (a
+    /// health watch, a training or evaluation stream) are closed, in milliseconds.
+    pub shutdown_grace_ms: u64,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
@@ -192,6 +195,7 @@ max_prompts = 256
 max_points = 64
 max_embed_batch = 4
 request_timeout_ms = 120000
+shutdown_grace_ms = 30000
 "#;
 
 impl Settings {

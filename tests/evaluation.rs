@@ -253,6 +253,7 @@ async fn evaluate_rejects_bad_requests_with_clear_statuses() {
             "prompts.max_shift",
         ),
         (pb::EvaluateSettings { shard_index: 3, shard_count: 2, ..eval_settings(&["tiny-random"]) }, dataset(), Code::InvalidArgument, "shard"),
+        (pb::EvaluateSettings { shard_index: 1, shard_count: 0, ..eval_settings(&["tiny-random"]) }, dataset(), Code::InvalidArgument, "settings.shard_index"),
         // Filters that select nothing: an error naming the field (and the labels there are), not
         // an OK stream of empty summaries.
         (pb::EvaluateSettings { labels: vec!["MEL".into()], ..eval_settings(&["tiny-random"]) }, dataset(), Code::InvalidArgument, "settings.labels"),

@@ -416,8 +416,12 @@ async fn tls_serves_only_tls_clients() {
     settings.tls.key = Some(key);
     let s = start(settings, true).await;
     let https = s.url.replace("http://127.0.0.1", "https://localhost");
-    let conn = skinsam::cli::Conn { server: https, token: None, ca_cert: Some(cert) };
+    let conn = skinsam::cli::Conn { server: https, token: None, ca_cert: Some(cert.clone()) };
     let mut models = ModelServiceClient::new(conn.channel().await.unwrap());
+    // A certificate authority with an http:// address would send the token in plaintext: refused.
+    let http = skinsam::cli::Conn { server: s.url.clone(), token: Some("t".into()), ca_cert: Some(cert) };
+    let e = http.channel().await.unwrap_err().to_string();
+    assert!(e.contains("https://"), "{e}");
     assert_eq!(models.list_models(pb::ListModelsRequest {}).await.unwrap().into_inner().models.len(), 1);
     // A plain-text client gets no answer from the TLS port.
     let plain = Channel::from_shared(s.url.clone()).unwrap().connect().await;
@@ -434,4 +438,49 @@ async fn half_configured_tls_is_refused() {
     let (listener, _) = bind("127.0.0.1:0").await.unwrap();
     let err = serve(Registry::new(settings), listener, async {}).await.unwrap_err();
     assert!(err.to_string().contains("tls.cert and tls.key"), "{err}");
+}
+
+#[tokio::test]
+async fn shutdown_says_not_serving_and_closes_open_streams_after_the_grace_period() {
+    let mut settings = tiny_settings();
+    settings.limits.shutdown_grace_ms = 300;
+    let (listener, addr) = bind("127.0.0.1:0").await.unwrap();
+    let registry = Registry::new(settings);
+    skinsam::grpc::server::load_configured(&registry);
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve(registry.clone(), listener, async move {
+        let _ = rx.await;
+    }));
+    for _ in 0..600 {
+        if registry.any_ready() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ch = Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    let mut watch = HealthClient::new(ch).watch(HealthCheckRequest { service: String::new() }).await.unwrap().into_inner();
+    let mut status = watch.message().await.unwrap().unwrap().status;
+    for _ in 0..50 {
+        if status == ServingStatus::Serving as i32 {
+            break;
+        }
+        status = watch.message().await.unwrap().unwrap().status;
+    }
+    assert_eq!(status, ServingStatus::Serving as i32);
+    stop.send(()).unwrap();
+    // Load balancers watching health are told first.
+    let mut told = false;
+    while let Ok(Some(m)) = watch.message().await {
+        if m.status == ServingStatus::NotServing as i32 {
+            told = true;
+            break;
+        }
+    }
+    assert!(told, "the watch saw NOT_SERVING");
+    // The watch stays open (a health watch never ends by itself): the server closes it when the
+    // grace period is over, and returns.
+    let done = tokio::time::timeout(Duration::from_secs(10), server).await;
+    assert!(done.is_ok(), "serve returned within the grace period, the watch still open");
+    done.unwrap().unwrap().unwrap();
+    drop(watch);
 }

@@ -51,7 +51,8 @@ pub fn request_from_pb(s: &pb::EvaluateSettings, max_pixels: u64) -> Result<Eval
         max_scale: p.max_scale.unwrap_or(d.max_scale),
         reference_width: p.reference_width,
     };
-    if s.shard_count > 0 && s.shard_index >= s.shard_count {
+    // shard_count 0 or 1 means one shard, so any index but 0 is a mistake (it was ignored).
+    if s.shard_index >= s.shard_count.max(1) {
         return Err(invalid("settings.shard_index", format!("{} is not below shard_count {}", s.shard_index, s.shard_count)));
     }
     Ok(EvalRequest {

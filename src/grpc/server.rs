@@ -41,6 +41,18 @@ pub async fn serve(registry: Registry, listener: TcpListener, shutdown: impl Fut
     let settings: Settings = registry.settings().clone();
     let max = settings.limits.max_message_bytes;
     let (reporter, health) = tonic_health::server::health_reporter();
+    // On the signal: health says NOT_SERVING (load balancers stop sending), tonic stops
+    // accepting and drains; `signalled` starts the grace period after which the streams still
+    // open are dropped. Without it an open health watch or training stream held the process.
+    let (signalled_tx, signalled) = tokio::sync::oneshot::channel::<()>();
+    let draining = reporter.clone();
+    let shutdown = async move {
+        shutdown.await;
+        for s in MODEL_SERVICES.iter().chain(&["skinsam.v1.ModelService", ""]) {
+            draining.set_service_status(*s, ServingStatus::NotServing).await;
+        }
+        let _ = signalled_tx.send(());
+    };
     for s in MODEL_SERVICES {
         reporter.set_service_status(s, ServingStatus::NotServing).await;
     }
@@ -97,7 +109,8 @@ pub async fn serve(registry: Registry, listener: TcpListener, shutdown: impl Fut
         (None, None) => {}
         _ => anyhow::bail!("tls: set both tls.cert and tls.key, or neither"),
     }
-    builder
+    let grace = Duration::from_millis(settings.limits.shutdown_grace_ms);
+    let server = builder
         // One span per request: every log line of the call carries its RPC path.
         .trace_fn(|req: &tonic::codegen::http::Request<()>| tracing::info_span!("grpc", rpc = %req.uri().path()))
         .layer(super::deadline::DeadlineLayer::new(Duration::from_millis(settings.limits.request_timeout_ms)))
@@ -109,8 +122,17 @@ pub async fn serve(registry: Registry, listener: TcpListener, shutdown: impl Fut
         .add_service(InterceptedService::new(evaluation, auth.clone()))
         .add_service(InterceptedService::new(training, auth))
         // Without TCP_NODELAY, small responses wait on delayed ACKs (about 40 ms each).
-        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown)
-        .await?;
+        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown);
+    let grace_over = async move {
+        match signalled.await {
+            Ok(()) => tokio::time::sleep(grace).await,
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        r = server => r?,
+        () = grace_over => tracing::warn!(grace_ms = grace.as_millis() as u64, "shutdown: grace period over, closing the streams still open"),
+    }
     Ok(())
 }
 
