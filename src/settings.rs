@@ -109,7 +109,7 @@ fn list_or_commas<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<PathBuf>
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TrainSettings {
-    /// Where runs write their checkpoints (`<output_dir>/<run_id>/`).
+    /// Where runs write their checkpoints (`<output_dir>/<run_id>/`); empty: training is off.
     #[serde(default = "default_runs_dir")]
     pub output_dir: PathBuf,
 }

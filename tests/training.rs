@@ -530,3 +530,14 @@ async fn the_sidecar_is_written_last_so_a_failed_best_checkpoint_commits_nothing
     resume.resume = true;
     assert_eq!(run(&s, resume, None).await.err().expect("nothing to resume").code(), Code::NotFound);
 }
+
+#[tokio::test]
+async fn training_is_off_without_an_output_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut settings = settings(tmp.path());
+    settings.train.output_dir = std::path::PathBuf::new();
+    let s = start(settings, true).await;
+    let e = run(&s, request("x", 1), None).await.err().expect("refused");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
+    assert!(e.message().contains("train.output_dir"), "{}", e.message());
+}

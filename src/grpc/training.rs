@@ -207,6 +207,10 @@ impl Training {
             return Err(Error::FailedPrecondition(format!("model {:?} has random weights (no checkpoint) to start from", info.id)));
         };
         let settings = self.registry.settings();
+        if settings.train.output_dir.as_os_str().is_empty() {
+            // The Helm chart's "empty: off": nowhere to write checkpoints.
+            return Err(Error::FailedPrecondition("training is off on this server: set train.output_dir".into()));
+        }
         let dataset = allowed_dataset(&settings.eval.dataset_roots, &r.dataset)?;
         let run_id = if r.run_id.is_empty() {
             // Milliseconds: two runs started in the same second on two devices get two ids.

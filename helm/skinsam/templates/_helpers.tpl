@@ -202,11 +202,9 @@ embedding_store = {{ . | toJson }}
 {{- end }}
 {{- end }}
 {{- $train := default dict $c.train }}
-{{- with $train.output_dir }}
 
 [train]
-output_dir = {{ . | toJson }}
-{{- end }}
+output_dir = {{ default "" $train.output_dir | toJson }}
 {{- if .Values.tls.enabled }}
 
 [tls]
