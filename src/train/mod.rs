@@ -627,11 +627,13 @@ fn decode_batch(sam: &Sam, prepared: &[data::Prepared], mode: PromptMode, all_ou
     }
 }
 
+/// Validation scores: overall, per lesion type, and overall for the chosen multimask output.
+type Validation = (LabelScores, BTreeMap<String, LabelScores>, Option<LabelScores>);
+
 /// Validation Dice / IoU / accuracy at full resolution (as the evaluation measures), overall and
 /// per lesion type, with the fixed validation prompts; with `multimask`, also overall for the
 /// multimask output with the highest predicted IoU. None when `cancelled()` turns true (checked
 /// per batch).
-type Validation = (LabelScores, BTreeMap<String, LabelScores>, Option<LabelScores>);
 fn validate(sam: &Sam, val: &[Sample], r: &Recipe, cancelled: &dyn Fn() -> bool) -> Option<Validation> {
     let mut rows: Vec<(Option<String>, ImageScores)> = Vec::with_capacity(val.len());
     let mut multi_rows: Vec<(Option<String>, ImageScores)> = Vec::new();
