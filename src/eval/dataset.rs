@@ -119,11 +119,20 @@ impl Dataset {
     /// Shard `index` of `count` (every count-th item), for spreading a dataset over workers.
     pub fn shard(&mut self, index: usize, count: usize) {
         if count > 1 {
-            self.items = std::mem::take(&mut self.items).into_iter().enumerate().filter(|(i, _)| i % count == index).map(|(_, x)| x).collect();
+            keep_every(&mut self.items, index, count);
             // The unusable images the same way, so that the shards together list each once.
-            self.problems = std::mem::take(&mut self.problems).into_iter().enumerate().filter(|(i, _)| i % count == index).map(|(_, x)| x).collect();
+            keep_every(&mut self.problems, index, count);
         }
     }
+}
+
+/// Keeps elements index, index + count, index + 2 count, ...
+fn keep_every<T>(v: &mut Vec<T>, index: usize, count: usize) {
+    let mut i = 0;
+    v.retain(|_| {
+        i += 1;
+        (i - 1) % count == index
+    });
 }
 
 fn list_files(dir: &Path) -> Result<Vec<PathBuf>> {

@@ -400,6 +400,8 @@ pub fn write_report(
                 }
             }
             if !missing.is_empty() {
+                // One entry per image, whichever models' picks named it.
+                missing.sort_unstable();
                 missing.dedup();
                 md.push_str(&format!("\nNo overlay for {} image(s): {}.\n", missing.len(), missing.join("; ")));
             }

@@ -228,7 +228,9 @@ impl EvaluationService for Evaluation {
         let s = settings.clone();
         let ds = tokio::task::spawn_blocking(move || -> Result<Dataset> {
             let mut ds = Dataset::open(&root)?;
-            let known_labels: std::collections::BTreeSet<String> = ds.items.iter().filter_map(|i| i.label.clone()).collect();
+            // The dataset's labels, for the error when the label filter selects nothing.
+            let known_labels: std::collections::BTreeSet<String> =
+                if s.labels.is_empty() { Default::default() } else { ds.items.iter().filter_map(|i| i.label.clone()).collect() };
             ds.keep_ids(&s.ids, 0);
             if !s.ids.is_empty() && ds.items.is_empty() {
                 return Err(invalid("settings.ids", format!("none of the {} ids is in the dataset", s.ids.len())));
