@@ -2,7 +2,7 @@
 # SkinSAM Serve image: `docker build -t skinsam .` (BuildKit), then for example
 #   docker run --gpus all -p 50051:50051 -p 9090:9090 \
 #     -v $PWD/skinsam.toml:/etc/skinsam/config.toml:ro -v /srv/sam:/models:ro skinsam
-# Without a mounted config it serves the `tiny-random` test model (random weights), like `make serve`.
+# Without a mounted config it serves the default model `skinsam-tiny` (built in), like `make serve`.
 #
 # Two stages, the same build as the README's: libtorch comes from the PyPI wheel pinned in
 # scripts/requirements.txt (torch==2.13.0, which runs on CPU and CUDA), and build.rs bakes the
@@ -69,9 +69,14 @@ RUN groupadd --gid 10001 skinsam \
  && mkdir -p /etc/skinsam /models /var/lib/skinsam \
  && chown 10001:10001 /var/lib/skinsam
 # Used when no config file is mounted: listen on all interfaces; models = the built-in default.
+# Training runs go to the writable state volume: the default `runs` would resolve against the
+# WORKDIR, /opt/skinsam, which user 10001 cannot write (and the root filesystem may be read-only).
 COPY <<'EOF' /etc/skinsam/config.toml
 grpc_addr = "0.0.0.0:50051"
 metrics_addr = "0.0.0.0:9090"
+
+[train]
+output_dir = "/var/lib/skinsam/runs"
 EOF
 WORKDIR /opt/skinsam
 USER 10001:10001

@@ -105,6 +105,7 @@ bad=(
   "helm/ci/bad-required-models-volume.yaml models.persistence.enabled or models.fetch.enabled is required"
   "helm/ci/bad-required-token.yaml      auth.token is required"
   "helm/ci/bad-alias-route.yaml         is not in config.models"
+  "helm/ci/bad-message-limit.yaml      at '/config/limits/max_message_bytes': minimum: got 65,536, want 131,072"
 )
 for entry in "${bad[@]}"; do
   file=${entry%% *}

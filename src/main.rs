@@ -48,8 +48,9 @@ enum Command {
         point: Vec<[f32; 2]>,
         #[arg(long, default_value = "mask.png")]
         out: PathBuf,
-        /// Three candidate masks, the best by predicted IoU (SAM's ambiguity output); default one
-        /// mask, the output skinsam_tiny and fine-tuned models are trained on.
+        /// Decode SAM's three candidate masks (its ambiguity output) and write the one with the
+        /// highest predicted IoU, printing all three scores; default the single-mask output, the
+        /// one skinsam_tiny and fine-tuned models are trained on.
         #[arg(long)]
         multimask: bool,
         #[command(flatten)]
@@ -334,7 +335,8 @@ struct TrainCli {
     patience: u32,
     #[arg(long, default_value_t = 1e-3)]
     min_delta: f64,
-    /// Dice + BCE on full-size masks instead of the 256x256 logits.
+    /// Dice + BCE on full-size masks instead of the low-res logits (256x256 for vit_b/l/h, 64x64
+    /// for skinsam_tiny).
     #[arg(long)]
     loss_full_size: bool,
     /// Flips, 90-degree rotations, colour jitter (with --train-image-encoder).

@@ -73,7 +73,7 @@ pub struct Prediction {
     pub masks: Tensor,
     /// (K,) predicted IoU per mask.
     pub iou_predictions: Vec<f32>,
-    /// (K, 256, 256) fp32 logits, usable as a later `mask_input`.
+    /// (K, L, L) fp32 logits (L = 4x the embedding grid: 256 for vit_b/l/h, 64 for skinsam_tiny), usable as a later `mask_input`.
     pub low_res_logits: Tensor,
     /// Index of the mask with the highest predicted IoU (the SkinSAM paper's choice).
     pub best: usize,

@@ -44,6 +44,9 @@ pub struct LimitSettings {
     pub max_prompts: usize,
     /// Points in one prompt.
     pub max_points: usize,
+    /// Prompts x image pixels in one Segment request (its full-size masks are held at once,
+    /// about 6 bytes a pixel while they are made).
+    pub max_mask_pixels: u64,
     /// Images encoded together when several embed requests wait (micro-batching).
     pub max_embed_batch: usize,
     /// Server-side deadline for one request, in milliseconds (a client deadline can shorten it).
@@ -193,6 +196,7 @@ max_image_pixels = 50000000
 queue_depth = 64
 max_prompts = 256
 max_points = 64
+max_mask_pixels = 200000000
 max_embed_batch = 4
 request_timeout_ms = 120000
 shutdown_grace_ms = 30000
@@ -239,6 +243,7 @@ impl Settings {
             ("limits.max_image_pixels", l.max_image_pixels),
             ("limits.max_prompts", l.max_prompts as u64),
             ("limits.max_points", l.max_points as u64),
+            ("limits.max_mask_pixels", l.max_mask_pixels),
             ("cache.max_bytes", self.cache.max_bytes),
         ] {
             if v == 0 {

@@ -378,6 +378,13 @@ async fn alias_serves_segment_requests_through_its_routes() {
         seen.insert(model);
     }
     assert_eq!(seen.len(), 2, "both routes used: {seen:?}");
+    // A model loaded under the alias's name would never be reached: refused.
+    let mut ms = s.registry.settings().models[0].clone();
+    ms.id = "lesion".into();
+    match s.registry.load(ms) {
+        Err(skinsam::error::Error::InvalidArgument { field, message }) => assert!(field == "id" && message.contains("alias"), "{field}: {message}"),
+        other => panic!("{:?}", other.map(|i| i.id)),
+    }
 }
 
 #[test]
@@ -440,4 +447,46 @@ fn cli_report_folder_and_sharded_merge_match_a_whole_run() {
         assert!((x.as_f64().unwrap() - y.as_f64().unwrap()).abs() < 1e-12, "{model}: {x} vs {y}");
     }
     drop(s);
+}
+
+#[tokio::test]
+async fn the_shutdown_signal_ends_a_run_with_unavailable() {
+    let mut st = tiny_settings();
+    st.limits.shutdown_grace_ms = 120_000;
+    let mut s = start(st, true).await;
+    let mut c = EvaluationServiceClient::new(channel(&s).await);
+    let ds = skinsam::eval::dataset::Dataset::open(&common::fixtures().join("ham_mini")).unwrap();
+    let image = |k: usize| pb::EvaluateUploadRequest {
+        item: Some(pb::evaluate_upload_request::Item::Image(pb::UploadedImage {
+            id: ds.items[k].id.clone(),
+            image: std::fs::read(&ds.items[k].image).unwrap(),
+            mask: std::fs::read(&ds.items[k].mask).unwrap(),
+            label: String::new(),
+            group: String::new(),
+        })),
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(pb::EvaluateUploadRequest { item: Some(pb::evaluate_upload_request::Item::Settings(eval_settings(&["tiny-random"]))) }).await.unwrap();
+    tx.send(image(0)).await.unwrap();
+    let mut stream = c.evaluate_upload(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    assert!(matches!(first.event, Some(pb::evaluate_response::Event::Image(_))), "{first:?}");
+    let server = s.signal_shutdown();
+    while !s.registry.shutting_down() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The upload goes on, but the run ends at its next image.
+    tx.send(image(1)).await.unwrap();
+    let status = loop {
+        match stream.message().await {
+            Ok(Some(m)) => assert!(!matches!(m.event, Some(pb::evaluate_response::Event::Summary(s)) if s.r#final), "no final summary"),
+            Ok(None) => panic!("the run ended without a status"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("shutting down") && status.message().contains("after 1 scored"), "{status:?}");
+    drop((tx, stream));
+    let done = tokio::time::timeout(Duration::from_secs(60), server).await;
+    done.expect("serve returned long before the grace period was over").unwrap().unwrap();
 }

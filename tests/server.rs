@@ -118,6 +118,8 @@ async fn bad_requests_get_clear_statuses() {
     let mut settings = tiny_settings();
     settings.limits.max_prompts = 4;
     settings.limits.max_points = 3;
+    // The 200x150 image: three prompts' masks fit, four do not.
+    settings.limits.max_mask_pixels = 100_000;
     let s = start(settings, true).await;
     let mut seg = SegmentationServiceClient::new(channel(&s).await);
     let handle = |h: &str| pb::segment_request::Source::EmbeddingHandle(h.into());
@@ -131,6 +133,7 @@ async fn bad_requests_get_clear_statuses() {
     check(seg.segment(pb::SegmentRequest { source: None, ..seg_req(handle("x"), 1) }).await, Code::InvalidArgument, "source");
     check(seg.segment(seg_req(pb::segment_request::Source::Image(image()), 0)).await, Code::InvalidArgument, "prompts");
     check(seg.segment(seg_req(pb::segment_request::Source::Image(image()), 5)).await, Code::InvalidArgument, "limit is 4");
+    check(seg.segment(seg_req(pb::segment_request::Source::Image(image()), 4)).await, Code::InvalidArgument, "max_mask_pixels");
     check(seg.segment(seg_req(pb::segment_request::Source::Image(b"garbage".to_vec()), 1)).await, Code::InvalidArgument, "image");
     check(
         seg.segment(pb::SegmentRequest { mask_format: 99, ..seg_req(pb::segment_request::Source::Image(image()), 1) }).await,
@@ -444,21 +447,8 @@ async fn half_configured_tls_is_refused() {
 async fn shutdown_says_not_serving_and_closes_open_streams_after_the_grace_period() {
     let mut settings = tiny_settings();
     settings.limits.shutdown_grace_ms = 300;
-    let (listener, addr) = bind("127.0.0.1:0").await.unwrap();
-    let registry = Registry::new(settings);
-    skinsam::grpc::server::load_configured(&registry);
-    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(serve(registry.clone(), listener, async move {
-        let _ = rx.await;
-    }));
-    for _ in 0..600 {
-        if registry.any_ready() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let ch = Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
-    let mut watch = HealthClient::new(ch).watch(HealthCheckRequest { service: String::new() }).await.unwrap().into_inner();
+    let mut s = start(settings, true).await;
+    let mut watch = HealthClient::new(channel(&s).await).watch(HealthCheckRequest { service: String::new() }).await.unwrap().into_inner();
     let mut status = watch.message().await.unwrap().unwrap().status;
     for _ in 0..50 {
         if status == ServingStatus::Serving as i32 {
@@ -467,7 +457,7 @@ async fn shutdown_says_not_serving_and_closes_open_streams_after_the_grace_perio
         status = watch.message().await.unwrap().unwrap().status;
     }
     assert_eq!(status, ServingStatus::Serving as i32);
-    stop.send(()).unwrap();
+    let server = s.signal_shutdown();
     // Load balancers watching health are told first.
     let mut told = false;
     while let Ok(Some(m)) = watch.message().await {

@@ -541,3 +541,47 @@ async fn training_is_off_without_an_output_folder() {
     assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
     assert!(e.message().contains("train.output_dir"), "{}", e.message());
 }
+
+#[tokio::test]
+async fn the_shutdown_signal_ends_a_run_at_its_next_step_and_it_resumes_elsewhere() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut st = settings(tmp.path());
+    // Far longer than the run takes to stop: serve returning sooner shows the run stopped at the
+    // signal, not at the end of the grace period.
+    st.limits.shutdown_grace_ms = 120_000;
+    let mut s = start(st.clone(), true).await;
+    let mut c = TrainingServiceClient::new(channel(&s).await);
+    let mut req = request("interrupted", 50);
+    req.recipe.as_mut().unwrap().progress_every = 1;
+    let mut stream = c.train(req.clone()).await.unwrap().into_inner();
+    // The signal once epoch 1 is saved, during epoch 2.
+    let mut saved = 0;
+    let mut server = None;
+    let finished = loop {
+        match stream.message().await.unwrap().expect("the stream ends with a final message").event.unwrap() {
+            pb::train_event::Event::Epoch(e) => saved = e.epoch,
+            pb::train_event::Event::Progress(p) if p.epoch == 2 && server.is_none() => server = Some(s.signal_shutdown()),
+            pb::train_event::Event::Finished(f) => break f,
+            _ => {}
+        }
+    };
+    assert!(server.is_some(), "the run reached epoch 2 before it ended");
+    assert_eq!(finished.stopped, "shutdown");
+    assert!(finished.message.contains("resume"), "{}", finished.message);
+    assert!(finished.model_id.is_empty(), "nothing registered on a server going away");
+    // The signal reaches the run within a step or two; those steps may finish an epoch.
+    assert!((1..10).contains(&saved), "ended soon after the signal, not after its 50 epochs: {saved}");
+    let done = tokio::time::timeout(Duration::from_secs(60), server.unwrap()).await;
+    done.expect("serve returned long before the grace period was over").unwrap().unwrap();
+    drop(stream);
+    // Another server resumes it after the last saved epoch.
+    let s2 = start(st, true).await;
+    req.resume = true;
+    let rest = run(&s2, req, Some(saved + 1)).await.unwrap();
+    assert_eq!(rest.started.unwrap().epochs_done, saved);
+    assert_eq!(rest.epochs.iter().map(|e| e.epoch).collect::<Vec<_>>(), [saved + 1]);
+    let mut c2 = TrainingServiceClient::new(channel(&s2).await);
+    wait_idle(&s2, &mut c2, "interrupted").await;
+    // The cancelled run registers its best checkpoint: loaded before the test tears libtorch down.
+    wait_ready(&s2, "tiny-random-ft-interrupted").await;
+}

@@ -13,7 +13,7 @@ use crate::predictor::Prompt;
 use crate::settings::{ModelSettings, Settings};
 use dashmap::DashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -134,6 +134,16 @@ pub enum Command {
     },
 }
 
+impl Command {
+    /// Answers a command that will not be served with `e`.
+    pub(crate) fn refuse(self, e: Error) {
+        match self {
+            Command::Embed { reply, .. } => reply.send(Err(e)),
+            Command::Segment { reply, .. } => reply.send(Err(e)),
+        }
+    }
+}
+
 struct Entry {
     info: ModelInfo,
     generation: u64,
@@ -152,16 +162,29 @@ struct Inner {
     generation: AtomicU64,
     /// Bumped on every state change: health reporting and tests watch it.
     changes: watch::Sender<u64>,
+    /// Set on the shutdown signal: long runs (training, evaluation) stop at their next step.
+    shutting_down: AtomicBool,
 }
 
 impl Registry {
     pub fn new(settings: Settings) -> Self {
         let (changes, _) = watch::channel(0);
-        Self { inner: Arc::new(Inner { models: DashMap::new(), settings, generation: AtomicU64::new(1), changes }) }
+        Self { inner: Arc::new(Inner { models: DashMap::new(), settings, generation: AtomicU64::new(1), changes, shutting_down: AtomicBool::new(false) }) }
     }
 
     pub fn settings(&self) -> &Settings {
         &self.inner.settings
+    }
+
+    /// The server got its shutdown signal: training and evaluation runs end at their next step
+    /// (a training run keeps its last saved epoch, to resume) instead of being cut off when the
+    /// grace period is over.
+    pub fn begin_shutdown(&self) {
+        self.inner.shutting_down.store(true, Ordering::SeqCst);
+    }
+
+    pub fn shutting_down(&self) -> bool {
+        self.inner.shutting_down.load(Ordering::SeqCst)
     }
 
     pub fn subscribe(&self) -> watch::Receiver<u64> {
@@ -206,6 +229,10 @@ impl Registry {
         if ms.id.is_empty() || ms.id.len() > 128 || !ms.id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
             return Err(crate::error::invalid("id", format!("{:?} must be 1-128 characters of A-Z a-z 0-9 - _ .", ms.id)));
         }
+        if self.inner.settings.aliases.iter().any(|a| a.name == ms.id) {
+            // Requests naming it would go to the alias's routes, never to this model.
+            return Err(crate::error::invalid("id", format!("{:?} is the name of an alias in the server's settings", ms.id)));
+        }
         let device_name = ms.device.clone().unwrap_or_else(|| self.inner.settings.default_device.clone());
         let device = parse_device(&device_name)?;
         if ms.precision == Precision::Fp16 && device == tch::Device::Cpu {
@@ -240,10 +267,13 @@ impl Registry {
         self.changed();
         let registry = self.clone();
         let (tx, rx) = mpsc::channel(self.inner.settings.limits.queue_depth.max(1));
-        std::thread::Builder::new()
-            .name(format!("model-{}", ms.id))
-            .spawn(move || worker::run(registry, ms, device, generation, tx, rx))
-            .map_err(|e| Error::Internal(format!("spawning the model thread: {e}")))?;
+        let id = ms.id.clone();
+        if let Err(e) = std::thread::Builder::new().name(format!("model-{id}")).spawn(move || worker::run(registry, ms, device, generation, tx, rx)) {
+            // Not left "loading" for ever, which would also refuse every later load of the id.
+            self.inner.models.remove_if(&id, |_, e| e.generation == generation);
+            self.changed();
+            return Err(Error::Internal(format!("spawning the model thread: {e}")));
+        }
         Ok(info)
     }
 
@@ -278,6 +308,12 @@ impl Registry {
             e.tx = None;
         }
         self.changed();
+    }
+
+    /// The generation of the model loaded as `id` now, if any (a model thread draining after
+    /// an unload, or a reload, is not it).
+    fn generation_of(&self, id: &str) -> Option<u64> {
+        self.inner.models.get(id).map(|e| e.generation)
     }
 
     /// Removes a model; its thread finishes the queued commands, then exits.

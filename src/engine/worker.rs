@@ -19,6 +19,8 @@ struct Worker {
     predictor: Predictor,
     cache: EmbeddingCache,
     max_pixels: u64,
+    /// Prompts x image pixels in one Segment request: the full-size masks are held at once.
+    max_mask_pixels: u64,
     max_batch: usize,
     store: Option<super::store::EmbeddingStore>,
 }
@@ -35,6 +37,7 @@ pub(super) fn run(registry: Registry, ms: ModelSettings, device: Device, generat
                 predictor,
                 cache: EmbeddingCache::new(s.cache.max_bytes),
                 max_pixels: s.limits.max_image_pixels,
+                max_mask_pixels: s.limits.max_mask_pixels,
                 max_batch: s.limits.max_embed_batch.max(1),
                 store: super::store::EmbeddingStore::new(
                     s.eval.embedding_store.as_deref(),
@@ -62,6 +65,10 @@ pub(super) fn run(registry: Registry, ms: ModelSettings, device: Device, generat
         return; // unloaded while loading
     }
     worker.serve(&mut rx, &registry, generation);
+    // Its cache is gone with it; a model loaded under the same id since keeps its own figure.
+    if registry.generation_of(&id).is_none_or(|g| g == generation) {
+        metrics::gauge!(m::CACHE_BYTES, "model" => id.clone()).set(0.0);
+    }
     tracing::info!(model = %id, "model unloaded");
 }
 
@@ -126,15 +133,26 @@ impl Worker {
                 panics_in_a_row += 1;
                 if panics_in_a_row >= MAX_PANICS_IN_A_ROW {
                     // Every request failing (a lost GPU, say): stop claiming to be ready. The
-                    // commands still queued are answered INTERNAL as their replies drop.
+                    // commands still queued never ran: UNAVAILABLE, which clients retry elsewhere.
                     tracing::error!(model = %self.id, "{panics_in_a_row} requests in a row failed: marking the model failed");
                     registry.fail(&self.id, generation, format!("{panics_in_a_row} requests in a row failed (see the server log); unload and load it again"));
+                    rx.close();
+                    let unavailable = || Error::Unavailable(format!("model {:?} failed before serving this request", self.id));
+                    for cmd in pending.drain(..) {
+                        cmd.refuse(unavailable());
+                    }
+                    while let Ok(cmd) = rx.try_recv() {
+                        cmd.refuse(unavailable());
+                    }
                     return;
                 }
             } else {
                 panics_in_a_row = 0;
             }
-            metrics::gauge!(m::CACHE_BYTES, "model" => self.id.clone()).set(self.cache.bytes() as f64);
+            // A thread draining after an unload leaves the series to the model loaded after it.
+            if registry.generation_of(&self.id) == Some(generation) {
+                metrics::gauge!(m::CACHE_BYTES, "model" => self.id.clone()).set(self.cache.bytes() as f64);
+            }
         }
     }
 
@@ -324,12 +342,23 @@ impl Worker {
                 (handle, e)
             }
         };
+        let (h, w) = emb.original_size;
+        let mask_pixels = (prompts.len() as u64).saturating_mul(h as u64).saturating_mul(w as u64);
+        if mask_pixels > self.max_mask_pixels {
+            return Err(crate::error::invalid(
+                "prompts",
+                format!(
+                    "{} prompts on a {w}x{h} image make {mask_pixels} mask pixels, over limits.max_mask_pixels ({}): send fewer prompts per request",
+                    prompts.len(),
+                    self.max_mask_pixels
+                ),
+            ));
+        }
         let t = Instant::now();
         let preds = self.predictor.predict_masks(&emb, prompts, multimask, Masks::Best)?;
         stage(&self.id, "prompt_decode", t.elapsed());
         metrics::counter!(m::PROMPTS_TOTAL, "model" => self.id.clone()).increment(prompts.len() as u64);
         let t = Instant::now();
-        let (h, w) = emb.original_size;
         let mut masks = Vec::with_capacity(preds.len());
         for p in preds {
             let best = p.best as i64;
@@ -368,8 +397,14 @@ mod tests {
         assert!(matches!(embed().await, Err(Error::Internal(_))));
         assert!(embed().await.is_ok(), "the model serves on after a panic");
         PANICS_TO_INJECT.store(MAX_PANICS_IN_A_ROW, Ordering::SeqCst);
-        for _ in 0..MAX_PANICS_IN_A_ROW {
-            assert!(matches!(embed().await, Err(Error::Internal(_))));
+        // Sent at once: those queued behind the failing ones never ran, and are UNAVAILABLE.
+        let all = futures::future::join_all((0..MAX_PANICS_IN_A_ROW + 2).map(|_| embed())).await;
+        for (i, r) in all.iter().enumerate() {
+            if i < MAX_PANICS_IN_A_ROW as usize {
+                assert!(matches!(r, Err(Error::Internal(_))), "{i}: {:?}", r.as_ref().err());
+            } else {
+                assert!(matches!(r, Err(Error::Unavailable(_))), "{i}: {:?}", r.as_ref().err());
+            }
         }
         // The last reply is sent as its command unwinds, just before the thread marks the model.
         for _ in 0..100 {

@@ -167,6 +167,12 @@ pub async fn run(
         .buffered(PIPELINE_DEPTH);
     futures::pin_mut!(results);
     while let Some(r) = results.next().await {
+        if registry.shutting_down() {
+            // No resume for evaluations: the client is told to run it again (elsewhere).
+            let why = format!("the server is shutting down: the evaluation stopped after {} scored images; run it again", rows.len());
+            let _ = tx.send(Err(Error::Unavailable(why))).await;
+            return;
+        }
         let event = match r {
             Ok(row) => {
                 for m in &req.models {

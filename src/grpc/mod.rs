@@ -20,8 +20,8 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Instant;
 use tokio::sync::mpsc;
-use tokio_stream::{wrappers::ReceiverStream, Stream};
-use tonic::{Code, Status, Streaming};
+use tokio_stream::{wrappers::ReceiverStream, Stream, StreamExt};
+use tonic::{Code, Status};
 
 pub type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -31,7 +31,7 @@ const STREAM_BUFFER: usize = 4;
 /// Serves a bidirectional stream one request at a time, so responses keep request order.
 /// `handle` sends the responses for one request and returns false to end the stream (after an
 /// error status, or when a send failed because the client went away, which stops the work).
-pub fn ordered_stream<Req, Resp, F, Fut>(mut input: Streaming<Req>, mut handle: F) -> ResponseStream<Resp>
+pub fn ordered_stream<Req, Resp, F, Fut>(input: impl Stream<Item = Result<Req, Status>> + Send + 'static, mut handle: F) -> ResponseStream<Resp>
 where
     Req: Send + 'static,
     Resp: Send + 'static,
@@ -40,10 +40,18 @@ where
 {
     let (tx, rx) = mpsc::channel(STREAM_BUFFER);
     tokio::spawn(async move {
+        futures::pin_mut!(input);
         loop {
-            match input.message().await {
+            match input.next().await.transpose() {
                 Ok(Some(req)) => {
-                    if !handle(req, tx.clone()).await {
+                    // The client going away drops the request's future, and with it the reply
+                    // channel the model thread checks before it starts the work.
+                    let keep = tokio::select! {
+                        biased;
+                        () = tx.closed() => false,
+                        keep = handle(req, tx.clone()) => keep,
+                    };
+                    if !keep {
                         break;
                     }
                 }
@@ -167,5 +175,30 @@ mod tests {
         assert_eq!(check_bearer(&req, Some("")).unwrap_err().code(), Code::PermissionDenied);
         req.metadata_mut().insert("authorization", "Bearer t".parse().unwrap());
         assert!(check_bearer(&req, Some("t")).is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_stream_the_client_leaves_drops_the_request_in_hand() {
+        // The request's future holds the model's reply channel: dropping it is what tells the
+        // model thread to skip the work.
+        struct Dropped(Option<tokio::sync::oneshot::Sender<()>>);
+        impl Drop for Dropped {
+            fn drop(&mut self) {
+                let _ = self.0.take().map(|t| t.send(()));
+            }
+        }
+        let (dropped_tx, dropped) = tokio::sync::oneshot::channel();
+        let mut guard = Some(Dropped(Some(dropped_tx)));
+        let input = tokio_stream::iter([Ok::<u32, Status>(1)]).chain(tokio_stream::pending());
+        let out: ResponseStream<u32> = ordered_stream(input, move |_req, _tx| {
+            let g = guard.take();
+            async move {
+                let _g = g;
+                std::future::pending::<bool>().await
+            }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        drop(out); // the client went away
+        tokio::time::timeout(std::time::Duration::from_secs(5), dropped).await.expect("the request in hand was dropped").unwrap();
     }
 }

@@ -46,8 +46,10 @@ pub async fn serve(registry: Registry, listener: TcpListener, shutdown: impl Fut
     // open are dropped. Without it an open health watch or training stream held the process.
     let (signalled_tx, signalled) = tokio::sync::oneshot::channel::<()>();
     let draining = reporter.clone();
+    let stopping = registry.clone();
     let shutdown = async move {
         shutdown.await;
+        stopping.begin_shutdown();
         for s in MODEL_SERVICES.iter().chain(&["skinsam.v1.ModelService", ""]) {
             draining.set_service_status(*s, ServingStatus::NotServing).await;
         }
@@ -62,7 +64,8 @@ pub async fn serve(registry: Registry, listener: TcpListener, shutdown: impl Fut
     let watched = registry.clone();
     tokio::spawn(async move {
         loop {
-            let status = if watched.any_ready() { ServingStatus::Serving } else { ServingStatus::NotServing };
+            // A model that gets ready during the grace period must not undo NOT_SERVING.
+            let status = if watched.any_ready() && !watched.shutting_down() { ServingStatus::Serving } else { ServingStatus::NotServing };
             for s in MODEL_SERVICES {
                 reporter.set_service_status(s, status).await;
             }

@@ -335,7 +335,8 @@ impl Training {
             if crate::test_support::take_injected_panic(&tests::PANICS_TO_INJECT) {
                 panic!("injected by a test");
             }
-            train::run(&job, emit, || tx.is_closed())
+            // The client going away or the server's shutdown signal ends the run at its next step.
+            train::run(&job, emit, || tx.is_closed() || self.registry.shutting_down())
         }))
             .unwrap_or_else(|_| Err(Error::Internal(format!("training run {run_id:?} panicked (see the server log)"))));
         // The rest (registering the fine-tuned model, the final status) must not leave the run
@@ -362,10 +363,15 @@ impl Training {
     ) {
         use pb::train_event::Event as E;
         match result {
-            Ok(fin) => {
+            Ok(mut fin) => {
                 let mut model_id = String::new();
                 let mut message = String::new();
-                if fin.best_epoch > 0 && fin.best_checkpoint.exists() {
+                let shutdown = fin.stopped == "cancelled" && self.registry.shutting_down();
+                if shutdown {
+                    // Not registered: the server is going away. The saved epochs stay, to resume.
+                    fin.stopped = "shutdown".into();
+                    message = "the server is shutting down: resume the run (resume = true) to continue from its last saved epoch".into();
+                } else if fin.best_epoch > 0 && fin.best_checkpoint.exists() {
                     let id = format!("{}-ft-{}", job.base.id, job.run_id);
                     // A resumed run replaces the model its earlier part registered.
                     let _ = self.registry.unload(&id);

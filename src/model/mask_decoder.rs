@@ -70,7 +70,7 @@ impl MaskDecoder {
         self.transformer.prefix(&image_tokens(&(image_embeddings + dense)), &image_tokens(image_pe))
     }
 
-    /// All outputs: low-res mask logits (B, 4, 256, 256) and IoU predictions (B, 4), token 0 first.
+    /// All outputs: low-res mask logits (B, 4, L, L) (L = 4x the embedding grid) and IoU predictions (B, 4), token 0 first.
     /// `image_embeddings` and `dense` are (1, C, H, W), shared by all B prompts, or (B, C, H, W),
     /// one per prompt.
     pub fn predict_masks(&self, image_embeddings: &Tensor, image_pe: &Tensor, sparse: &Tensor, dense: &Tensor) -> (Tensor, Tensor) {

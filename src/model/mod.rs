@@ -136,7 +136,7 @@ impl Sam {
         self.image_encoder.forward(&preprocessed.to_kind(self.precision.kind())).to_kind(Kind::Float)
     }
 
-    /// Low-res logits (B, K, 256, 256) and IoU predictions (B, K) for a batch of prompts on
+    /// Low-res logits (B, K, L, L) (L = 4x the embedding grid) and IoU predictions (B, K) for a batch of prompts on
     /// one image embedding (1, C, 64, 64), or one embedding per prompt (B, C, 64, 64).
     pub fn decode(&self, embedding: &Tensor, prompts: &PromptBatch, multimask_output: bool) -> (Tensor, Tensor) {
         self.decode_with(embedding, None, prompts, multimask_output)
@@ -148,7 +148,7 @@ impl Sam {
         self.mask_decoder.select_outputs(&masks, &iou, multimask_output)
     }
 
-    /// Every output of the decoder, (B, 4, 256, 256) logits and (B, 4) IoU predictions: token 0
+    /// Every output of the decoder, (B, 4, L, L) logits (L = 4x the embedding grid) and (B, 4) IoU predictions: token 0
     /// (the single-mask output) then the three multimask ones. Training uses all of them.
     pub fn decode_all(&self, embedding: &Tensor, prompts: &PromptBatch) -> (Tensor, Tensor) {
         self.decode_all_with(embedding, None, prompts)

@@ -74,7 +74,7 @@ pub struct PromptBatch<'a> {
     pub points: Option<(&'a Tensor, &'a Tensor)>,
     /// (B, 4) boxes as x0, y0, x1, y1.
     pub boxes: Option<&'a Tensor>,
-    /// (B, 1, 256, 256) low-res mask logits.
+    /// (B, 1, L, L) low-res mask logits (L = 4x the embedding grid).
     pub masks: Option<&'a Tensor>,
 }
 

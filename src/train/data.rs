@@ -35,7 +35,7 @@ pub struct Prepared {
     pub prompt: SimPrompt,
     pub input_size: (i64, i64),
     pub original_size: (i64, i64),
-    /// (1, 1, 256, 256) 0/1 target in the low-res logits' frame (padding is background).
+    /// (1, 1, L, L) 0/1 target in the low-res logits' frame (padding is background).
     pub target_low: Tensor,
     /// (1, 1, h, w) 0/1 target at the image's size (for the full-size loss).
     pub truth_full: Tensor,

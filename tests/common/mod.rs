@@ -43,6 +43,18 @@ pub struct TestServer {
     pub url: String,
     pub registry: Registry,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestServer {
+    /// Sends the shutdown signal (what SIGTERM does in `serve`); returns the serving task, which
+    /// ends once the server has drained.
+    pub fn signal_shutdown(&mut self) -> tokio::task::JoinHandle<anyhow::Result<()>> {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        self.server.take().expect("the server was shut down once only")
+    }
 }
 
 impl Drop for TestServer {
@@ -59,7 +71,7 @@ pub async fn start(settings: Settings, wait_ready: bool) -> TestServer {
     let registry = Registry::new(settings);
     load_configured(&registry);
     let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(serve(registry.clone(), listener, async move {
+    let server = tokio::spawn(serve(registry.clone(), listener, async move {
         let _ = rx.await;
     }));
     if wait_ready {
@@ -71,7 +83,7 @@ pub async fn start(settings: Settings, wait_ready: bool) -> TestServer {
         }
         assert!(registry.any_ready(), "model ready: {:?}", registry.list());
     }
-    TestServer { url: format!("http://{addr}"), registry, stop: Some(stop) }
+    TestServer { url: format!("http://{addr}"), registry, stop: Some(stop), server: Some(server) }
 }
 
 pub async fn channel(s: &TestServer) -> Channel {
