@@ -362,6 +362,10 @@ struct TrainCli {
     /// Also train the three multimask outputs (best of three per sample) and the IoU head.
     #[arg(long)]
     multimask: bool,
+    /// Sample lesion types by n(type)^-X per epoch, with replacement (0 = every image once; 1 =
+    /// every type equally often).
+    #[arg(long, default_value_t = 0.0)]
+    class_balance: f64,
     #[arg(long)]
     quiet: bool,
 }
@@ -422,6 +426,7 @@ impl TrainCli {
                 warmup_steps: self.warmup_steps,
                 weight_decay: self.weight_decay,
                 multimask: self.multimask,
+                class_balance: self.class_balance,
             }),
         }
     }

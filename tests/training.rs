@@ -296,6 +296,11 @@ async fn one_run_per_device_and_bad_requests() {
     let mut r = mixed("x10", 1);
     r.recipe.as_mut().unwrap().lr_schedule = 9;
     cases.push((r, Code::InvalidArgument, "recipe.lr_schedule"));
+    for (k, v) in [1.5, -0.5, f64::NAN].into_iter().enumerate() {
+        let mut r = request(&format!("x10c{k}"), 1);
+        r.recipe.as_mut().unwrap().class_balance = v;
+        cases.push((r, Code::InvalidArgument, "recipe.class_balance"));
+    }
     let mut r = request("x11", 1);
     let rec = r.recipe.as_mut().unwrap();
     (rec.multimask, rec.train_mask_decoder, rec.train_prompt_encoder) = (true, Some(false), true);

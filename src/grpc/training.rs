@@ -72,6 +72,7 @@ pub fn recipe_from_pb(r: &pb::TrainRecipe) -> Result<Recipe> {
         warmup_steps: r.warmup_steps as usize,
         weight_decay: r.weight_decay,
         multimask: r.multimask,
+        class_balance: r.class_balance,
     };
     recipe.validate()?;
     Ok(recipe)

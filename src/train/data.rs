@@ -9,6 +9,7 @@ use crate::model::Sam;
 use crate::predictor::{preprocess_shape, resize_longest_side, Predictor};
 use image::{GrayImage, RgbImage};
 use rand::seq::SliceRandom;
+use rand::distr::Distribution;
 use rand::Rng;
 use std::collections::{BTreeSet, HashMap};
 use tch::{Device, Kind, Tensor};
@@ -172,11 +173,24 @@ pub fn step_mode(r: &Recipe, epoch: usize, step: usize) -> PromptMode {
     r.prompt_mix.last().map_or(r.mode, |(m, _)| *m)
 }
 
-/// The order of the training samples in an epoch (seeded).
-pub fn epoch_order(n: usize, r: &Recipe, epoch: usize) -> Vec<usize> {
-    let mut v: Vec<usize> = (0..n).collect();
-    v.shuffle(&mut image_rng(mix(r.split_seed ^ r.prompt_seed.rotate_left(17), epoch), "order"));
-    v
+/// The training samples of an epoch, in order (seeded), given each one's label: every sample
+/// once, shuffled; or with `class_balance` > 0 as many draws with replacement, weighted by
+/// n(label)^-class_balance so that rare lesion types are seen more often.
+pub fn epoch_order(labels: &[Option<&str>], r: &Recipe, epoch: usize) -> Vec<usize> {
+    let n = labels.len();
+    let mut rng = image_rng(mix(r.split_seed ^ r.prompt_seed.rotate_left(17), epoch), "order");
+    if r.class_balance == 0.0 || n == 0 {
+        let mut v: Vec<usize> = (0..n).collect();
+        v.shuffle(&mut rng);
+        return v;
+    }
+    let mut counts: HashMap<Option<&str>, usize> = HashMap::new();
+    for l in labels {
+        *counts.entry(*l).or_default() += 1;
+    }
+    let weights = labels.iter().map(|l| (counts[l] as f64).powf(-r.class_balance));
+    let draw = rand::distr::weighted::WeightedIndex::new(weights).expect("positive finite weights");
+    (0..n).map(|_| draw.sample(&mut rng)).collect()
 }
 
 fn mask_to_gray(m: &BinaryMask) -> GrayImage {

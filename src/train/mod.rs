@@ -66,6 +66,10 @@ pub struct Recipe {
     /// sample) and the IoU head (MSE against each output's actual IoU), not only the single mask.
     #[serde(default)]
     pub multimask: bool,
+    /// Per-epoch sampling weight n(label)^-class_balance (with replacement); 0 = every image
+    /// once, shuffled.
+    #[serde(default)]
+    pub class_balance: f64,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -122,6 +126,7 @@ impl Default for Recipe {
             warmup_steps: 0,
             weight_decay: 0.0,
             multimask: false,
+            class_balance: 0.0,
         }
     }
 }
@@ -158,6 +163,10 @@ impl Recipe {
         if self.patience == 0 {
             // 0 would stop after the first epoch even when it improved.
             return Err(invalid("recipe.patience", "must be at least 1 (epochs without improvement before stopping)"));
+        }
+        if !(0.0..=1.0).contains(&self.class_balance) {
+            // Also refuses NaN.
+            return Err(invalid("recipe.class_balance", format!("{} is not in [0, 1]", self.class_balance)));
         }
         if !(self.weight_decay.is_finite() && (0.0..1.0).contains(&self.weight_decay)) {
             return Err(invalid("recipe.weight_decay", format!("{} is not in [0, 1)", self.weight_decay)));
@@ -444,9 +453,10 @@ pub fn run(job: &Job, mut emit: impl FnMut(Event) -> bool, cancelled_now: impl F
         }
     }
     let mut stopped = "epochs";
+    let labels: Vec<Option<&str>> = train.iter().map(|s| s.label.as_deref()).collect();
     for epoch in start_epoch..=r.epochs {
         let t = Instant::now();
-        let order = data::epoch_order(train.len(), r, epoch);
+        let order = data::epoch_order(&labels, r, epoch);
         let steps = order.len().div_ceil(r.batch_size);
         let total_steps = steps * r.epochs;
         let (mut sum, mut n) = (StepLosses::default(), 0usize);
@@ -676,6 +686,27 @@ fn validate(sam: &Sam, val: &[Sample], r: &Recipe, cancelled: &dyn Fn() -> bool)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn class_balance_draws_rare_types_more_often() {
+        // 90 nv and 10 bcc images; over 20 epochs of 100 draws each.
+        let labels: Vec<Option<&str>> = (0..100).map(|i| Some(if i < 90 { "nv" } else { "bcc" })).collect();
+        let share = |balance: f64| {
+            let r = Recipe { class_balance: balance, ..Recipe::default() };
+            let orders: Vec<Vec<usize>> = (1..=20).map(|e| data::epoch_order(&labels, &r, e)).collect();
+            assert!(orders.iter().all(|o| o.len() == 100), "an epoch is as long as the data");
+            orders.iter().flatten().filter(|&&i| i >= 90).count() as f64 / 2000.0
+        };
+        // Off: every image once per epoch.
+        let r = Recipe::default();
+        let mut once = data::epoch_order(&labels, &r, 1);
+        assert_ne!(once, (0..100).collect::<Vec<_>>(), "shuffled");
+        once.sort_unstable();
+        assert_eq!(once, (0..100).collect::<Vec<_>>());
+        // 1: both types equally often; 0.5: by the square roots of their counts, 10^0.5 / (10^0.5 + 90^0.5).
+        assert!((share(1.0) - 0.5).abs() < 0.04, "{}", share(1.0));
+        assert!((share(0.5) - 0.25).abs() < 0.04, "{}", share(0.5));
+    }
 
     #[test]
     fn schedule_warms_up_then_follows_a_cosine_to_zero() {
