@@ -1,5 +1,6 @@
 //! Serving load generator (a tonic client) and the in-process reference it is compared with.
 
+use crate::cli::Conn as Cli;
 use crate::error::{Error, Result};
 use crate::grpc::pb;
 use crate::model::{Sam, SamVariant};
@@ -62,20 +63,37 @@ pub fn to_pb_prompt(p: &Prompt) -> pb::Prompt {
     }
 }
 
-async fn connect(url: &str) -> Result<tonic::transport::Channel> {
-    tonic::transport::Channel::from_shared(url.to_owned())
-        .map_err(|e| Error::Internal(format!("server url: {e}")))?
-        .connect()
-        .await
-        .map_err(|e| Error::Unavailable(format!("connecting to {url}: {e}")))
+/// The connection's bearer token on every call (none: calls go as they are).
+#[derive(Clone)]
+pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut r: tonic::Request<()>) -> std::result::Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            r.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(r)
+    }
 }
 
-type SegmentClient = pb::segmentation_service_client::SegmentationServiceClient<tonic::transport::Channel>;
+type Conn = tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>;
+
+/// A channel to the server (TLS when the connection names a CA) that carries its token.
+async fn connect(conn: &Cli) -> Result<Conn> {
+    let token = match &conn.token {
+        Some(t) => Some(format!("Bearer {t}").parse().map_err(|_| crate::error::invalid("token", "is not a valid header value"))?),
+        None => None,
+    };
+    let ch = conn.channel().await.map_err(|e| Error::Unavailable(format!("{e:#}")))?;
+    Ok(tonic::service::interceptor::InterceptedService::new(ch, Bearer(token)))
+}
+
+type SegmentClient = pb::segmentation_service_client::SegmentationServiceClient<Conn>;
 
 /// Embeds `image` once on the server; a client and the Segment request (by that embedding's
 /// handle: `prompts` copies of `prompt`, multimask, PNG mask) to send against it.
-async fn by_handle(url: &str, model: &str, image: Vec<u8>, prompt: &Prompt, prompts: usize) -> Result<(SegmentClient, pb::SegmentRequest)> {
-    let ch = connect(url).await?;
+async fn by_handle(conn: &Cli, model: &str, image: Vec<u8>, prompt: &Prompt, prompts: usize) -> Result<(SegmentClient, pb::SegmentRequest)> {
+    let ch = connect(conn).await?;
     let mut emb = pb::embedding_service_client::EmbeddingServiceClient::new(ch.clone()).max_decoding_message_size(64 << 20);
     let handle = emb
         .embed(pb::EmbedRequest { model_id: model.to_owned(), image, ..Default::default() })
@@ -96,8 +114,8 @@ async fn by_handle(url: &str, model: &str, image: Vec<u8>, prompt: &Prompt, prom
 
 /// Embeds `image` once, then sends `total` Segment requests by handle from `concurrency`
 /// concurrent clients (each request: `prompts` copies of `prompt`, PNG masks).
-pub async fn segment_load(url: &str, model: &str, image: Vec<u8>, prompt: &Prompt, prompts: usize, concurrency: usize, total: usize) -> Result<LatencyReport> {
-    let (mut seg, req) = by_handle(url, model, image, prompt, prompts).await?;
+pub async fn segment_load(conn: &Cli, model: &str, image: Vec<u8>, prompt: &Prompt, prompts: usize, concurrency: usize, total: usize) -> Result<LatencyReport> {
+    let (mut seg, req) = by_handle(conn, model, image, prompt, prompts).await?;
     // Warm-up, outside the measurement.
     seg.segment(req.clone()).await.map_err(|s| Error::Unavailable(format!("segment: {s}")))?;
     let per_client = total.div_ceil(concurrency.max(1));
@@ -132,8 +150,8 @@ pub async fn segment_load(url: &str, model: &str, image: Vec<u8>, prompt: &Promp
 /// concurrent clients, each in an Embed request (micro-batching shows as the images/s gained
 /// over `concurrency` = 1) or, with `segment`, in a Segment request with that prompt (one mask,
 /// PNG): the whole call for a new image.
-pub async fn new_image_load(url: &str, model: &str, images: Vec<Vec<u8>>, concurrency: usize, segment: Option<&Prompt>) -> Result<LatencyReport> {
-    let ch = connect(url).await?;
+pub async fn new_image_load(conn: &Cli, model: &str, images: Vec<Vec<u8>>, concurrency: usize, segment: Option<&Prompt>) -> Result<LatencyReport> {
+    let ch = connect(conn).await?;
     let client = pb::embedding_service_client::EmbeddingServiceClient::new(ch.clone());
     let seg_client = pb::segmentation_service_client::SegmentationServiceClient::new(ch).max_decoding_message_size(64 << 20);
     let seg_prompt = segment.map(to_pb_prompt);
@@ -268,7 +286,7 @@ pub struct OverheadReport {
 
 #[allow(clippy::too_many_arguments)]
 pub fn paired_overhead(
-    url: &str,
+    conn: &Cli,
     model_id: &str,
     variant: SamVariant,
     checkpoint: Option<&Path>,
@@ -282,7 +300,7 @@ pub fn paired_overhead(
     const PAUSE: Duration = Duration::from_millis(20);
     let inproc = InProcess::new(variant, checkpoint, device, image, prompt, prompts)?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| Error::Internal(e.to_string()))?;
-    let (mut seg, req) = rt.block_on(by_handle(url, model_id, inproc.image_bytes.clone(), prompt, prompts))?;
+    let (mut seg, req) = rt.block_on(by_handle(conn, model_id, inproc.image_bytes.clone(), prompt, prompts))?;
     // The call's latency and the part of it the server's model thread spent (queue + compute,
     // as the response reports them).
     let mut grpc_call = || -> Result<(f64, f64)> {

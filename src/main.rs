@@ -218,6 +218,12 @@ enum Command {
         paired_model: Option<String>,
         #[arg(long, requires = "paired_model")]
         server: Option<String>,
+        /// Bearer token of the paired server, when it requires one.
+        #[arg(long, requires = "server")]
+        token: Option<String>,
+        /// CA certificate (PEM) of an https:// paired server.
+        #[arg(long, requires = "server")]
+        ca_cert: Option<PathBuf>,
     },
     /// Mask agreement of a reduced precision with fp32 on real images (HAM10000 layout); prints JSON.
     PrecisionAgreement {
@@ -596,17 +602,13 @@ fn main() -> anyhow::Result<()> {
             println!("{}", serde_json::to_string(&r)?);
         }
         Command::Loadgen { model, image, r#box, point, concurrency, requests, prompts, embed_images, embed_concurrency, segment_new_images, client } => {
-            // Refused rather than ignored: the load generator measures a plain loopback server.
-            anyhow::ensure!(
-                client.token.is_none() && client.ca_cert.is_none(),
-                "loadgen connects without a token or TLS: point it at a server without auth and TLS"
-            );
+            let conn = client.conn();
             let bytes = std::fs::read(&image).with_context(|| format!("reading {}", image.display()))?;
             let prompt = Prompt { points: vec![PointPrompt { x: point[0], y: point[1], label: 1 }], bbox: Some(r#box), mask_input: None };
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(async {
                 for c in concurrency {
-                    let r = skinsam::loadgen::segment_load(&client.server, &model, bytes.clone(), &prompt, prompts, c, requests).await?;
+                    let r = skinsam::loadgen::segment_load(&conn, &model, bytes.clone(), &prompt, prompts, c, requests).await?;
                     println!("{}", serde_json::to_string(&r)?);
                 }
                 if embed_images > 0 {
@@ -621,12 +623,12 @@ fn main() -> anyhow::Result<()> {
                                 img.write_to(&mut out, image::ImageFormat::Png).map(|_| out.into_inner())
                             })
                             .collect::<Result<Vec<_>, _>>()?;
-                        let r = skinsam::loadgen::new_image_load(&client.server, &model, images.clone(), c, None).await?;
+                        let r = skinsam::loadgen::new_image_load(&conn, &model, images.clone(), c, None).await?;
                         println!("{}", serde_json::to_string(&r)?);
                         if segment_new_images {
                             // Other pixels again, so that these images are new to the cache too.
                             let fresh: Vec<Vec<u8>> = images.iter().map(|b| { let mut v = b.clone(); v.push(0); v }).collect();
-                            let r = skinsam::loadgen::new_image_load(&client.server, &model, fresh, c, Some(&prompt)).await?;
+                            let r = skinsam::loadgen::new_image_load(&conn, &model, fresh, c, Some(&prompt)).await?;
                             println!("{}", serde_json::to_string(&r)?);
                         }
                     }
@@ -634,11 +636,12 @@ fn main() -> anyhow::Result<()> {
                 anyhow::Ok(())
             })?;
         }
-        Command::DecodeInproc { variant, checkpoint, image, r#box, point, n, prompts, device, paired_model, server } => {
+        Command::DecodeInproc { variant, checkpoint, image, r#box, point, n, prompts, device, paired_model, server, token, ca_cert } => {
             let prompt = Prompt { points: vec![PointPrompt { x: point[0], y: point[1], label: 1 }], bbox: Some(r#box), mask_input: None };
             let device = skinsam::device::parse_device(&device)?;
             if let (Some(model), Some(server)) = (paired_model, server) {
-                let r = skinsam::loadgen::paired_overhead(&server, &model, variant, checkpoint.as_deref(), device, &image, &prompt, prompts, n)?;
+                let conn = skinsam::cli::Conn { server, token, ca_cert };
+                let r = skinsam::loadgen::paired_overhead(&conn, &model, variant, checkpoint.as_deref(), device, &image, &prompt, prompts, n)?;
                 println!("{}", serde_json::to_string(&r)?);
             } else {
                 let r = skinsam::loadgen::in_process_decode(variant, checkpoint.as_deref(), device, &image, &prompt, prompts, n)?;

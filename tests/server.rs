@@ -474,3 +474,23 @@ async fn shutdown_says_not_serving_and_closes_open_streams_after_the_grace_perio
     done.unwrap().unwrap().unwrap();
     drop(watch);
 }
+
+#[tokio::test]
+async fn the_load_generator_carries_the_token() {
+    let mut settings = tiny_settings();
+    settings.auth.token = Some("user-secret".into());
+    let s = start(settings, true).await;
+    let prompt = skinsam::predictor::Prompt {
+        points: vec![skinsam::predictor::PointPrompt { x: 110.0, y: 71.0, label: 1 }],
+        bbox: Some([60.0, 2.0, 169.0, 139.0]),
+        mask_input: None,
+    };
+    let conn = |token: Option<&str>| skinsam::cli::Conn { server: s.url.clone(), token: token.map(str::to_owned), ca_cert: None };
+    let r = skinsam::loadgen::segment_load(&conn(Some("user-secret")), "tiny-random", image(), &prompt, 1, 2, 4).await.unwrap();
+    assert_eq!((r.requests, r.errors), (4, 0));
+    let r = skinsam::loadgen::new_image_load(&conn(Some("user-secret")), "tiny-random", vec![image()], 1, Some(&prompt)).await.unwrap();
+    assert_eq!((r.requests, r.errors), (1, 0));
+    // Without it the server refuses the embedding the run starts with.
+    let e = skinsam::loadgen::segment_load(&conn(None), "tiny-random", image(), &prompt, 1, 2, 4).await.err().expect("refused");
+    assert!(e.to_string().contains("token") || e.to_string().contains("nauthenticated"), "{e}");
+}
