@@ -1,13 +1,57 @@
 //! Image decoding with limits checked before any pixel is decoded.
 
 use crate::error::{invalid, Result};
-use image::{ImageReader, RgbImage};
+use image::metadata::Orientation;
+use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, RgbImage};
 use std::io::Cursor;
 
-/// Decodes encoded image bytes (PNG, JPEG, TIFF, BMP, WebP) to 8-bit RGB. Grayscale, alpha and
-/// 16-bit images are converted (alpha dropped, 16-bit scaled to 8-bit). `field` names the
-/// request field in errors; `max_pixels` bounds width x height, read from the header first.
+/// Decodes encoded image bytes (PNG, JPEG, TIFF, BMP, WebP) to 8-bit RGB, turned as its EXIF
+/// orientation says (as viewers show it, so that prompts drawn on it land where they were
+/// drawn). Grayscale, alpha and 16-bit images are converted (alpha dropped, 16-bit scaled to
+/// 8-bit). `field` names the request field in errors; `max_pixels` bounds width x height, read
+/// from the header first.
 pub fn decode_rgb(bytes: &[u8], field: &str, max_pixels: u64) -> Result<RgbImage> {
+    Ok(decode_oriented(bytes, field, max_pixels)?.into_rgb8())
+}
+
+/// Decodes an image as [`decode_rgb`] does, keeping its pixel type (masks are read with it).
+pub fn decode_oriented(bytes: &[u8], field: &str, max_pixels: u64) -> Result<DynamicImage> {
+    let (format, w, h) = header(bytes, field, max_pixels)?;
+    let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(w);
+    limits.max_image_height = Some(h);
+    // Room for the largest decoded form (16-bit RGBA) of an image within the pixel limit.
+    let max_alloc = (u64::from(w) * u64::from(h)).saturating_mul(8).max(1 << 20);
+    limits.max_alloc = Some(max_alloc);
+    reader.limits(limits);
+    let corrupt = |e: image::ImageError| invalid(field, format!("corrupt or truncated {format:?} image: {e}"));
+    let mut decoder = reader.into_decoder().map_err(corrupt)?;
+    // Unreadable EXIF is no reason to refuse the pixels: they are taken as stored.
+    let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
+    if decoder.total_bytes() > max_alloc {
+        return Err(invalid(field, format!("image decodes to {} bytes, over the limit of {max_alloc}", decoder.total_bytes())));
+    }
+    let mut img = DynamicImage::from_decoder(decoder).map_err(corrupt)?;
+    img.apply_orientation(orientation);
+    Ok(img)
+}
+
+/// (width, height) of the image as [`decode_rgb`] returns it (its header's, swapped when its
+/// EXIF orientation turns it a quarter), with the same checks, without decoding the pixels.
+pub fn oriented_size(bytes: &[u8], field: &str, max_pixels: u64) -> Result<(u32, u32)> {
+    let (format, w, h) = header(bytes, field, max_pixels)?;
+    let orientation = ImageReader::with_format(Cursor::new(bytes), format)
+        .into_decoder()
+        .and_then(|mut d| d.orientation())
+        .unwrap_or(Orientation::NoTransforms);
+    let quarter = matches!(orientation, Orientation::Rotate90 | Orientation::Rotate270 | Orientation::Rotate90FlipH | Orientation::Rotate270FlipH);
+    Ok(if quarter { (h, w) } else { (w, h) })
+}
+
+/// The format and stored size from the header: refused when empty, unrecognised, zero-sized,
+/// over `max_pixels`, or a JPEG cut off before its end.
+fn header(bytes: &[u8], field: &str, max_pixels: u64) -> Result<(ImageFormat, u32, u32)> {
     if bytes.is_empty() {
         return Err(invalid(field, "image bytes are empty"));
     }
@@ -21,36 +65,102 @@ pub fn decode_rgb(bytes: &[u8], field: &str, max_pixels: u64) -> Result<RgbImage
         .into_dimensions()
         .map_err(|e| invalid(field, format!("corrupt {format:?} header: {e}")))?;
     if w == 0 || h == 0 {
+        // Some decoders panic on a zero side (the BMP one does): refused before any decoding.
         return Err(invalid(field, format!("image is {w}x{h}: zero-sized")));
     }
     let pixels = u64::from(w) * u64::from(h);
     if pixels > max_pixels {
         return Err(invalid(field, format!("image is {w}x{h} = {pixels} pixels, over the limit of {max_pixels}")));
     }
-    if format == image::ImageFormat::Jpeg && !jpeg_has_end_marker(bytes) {
+    if format == ImageFormat::Jpeg && !jpeg_has_end_marker(bytes) {
         // The JPEG decoder fills a cut-off scan with grey instead of failing: catch it here.
-        return Err(invalid(field, "truncated JPEG image: no end-of-image marker after the last scan"));
+        return Err(invalid(field, "truncated JPEG image: no end-of-image marker after the first scan"));
     }
-    let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
-    let mut limits = image::Limits::default();
-    limits.max_image_width = Some(w);
-    limits.max_image_height = Some(h);
-    // Room for the largest decoded form (16-bit RGBA) of an image within the pixel limit.
-    limits.max_alloc = Some(pixels.saturating_mul(8).max(1 << 20));
-    reader.limits(limits);
-    let img = reader
-        .decode()
-        .map_err(|e| invalid(field, format!("corrupt or truncated {format:?} image: {e}")))?;
-    Ok(img.into_rgb8())
+    Ok((format, w, h))
 }
 
-/// True when an EOI marker (FF D9) follows the last start-of-scan marker (FF DA). Both cannot
-/// occur inside entropy-coded data, where 0xFF bytes are stuffed.
+/// True when an EOI marker (FF D9) follows the first start-of-scan marker (FF DA), found by
+/// walking the header's segments (an FF DA in trailing bytes after a complete image, or in an
+/// EXIF thumbnail, does not count). Neither marker occurs inside entropy-coded data, where 0xFF
+/// bytes are stuffed.
 fn jpeg_has_end_marker(bytes: &[u8]) -> bool {
-    let last = |m: u8| bytes.windows(2).rposition(|w| w[0] == 0xFF && w[1] == m);
-    match (last(0xDA), last(0xD9)) {
-        (Some(sos), Some(eoi)) => eoi > sos,
-        (None, Some(_)) => true,
-        _ => false,
+    let mut i = 2; // after SOI
+    let sos = loop {
+        // Fill bytes (any number of FF) may precede a marker.
+        while i < bytes.len() && bytes[i] == 0xFF && bytes.get(i + 1) == Some(&0xFF) {
+            i += 1;
+        }
+        match (bytes.get(i), bytes.get(i + 1)) {
+            (Some(0xFF), Some(0xDA)) => break i,
+            // Markers without a length: TEM and RSTn.
+            (Some(0xFF), Some(m)) if *m == 0x01 || (0xD0..=0xD7).contains(m) => i += 2,
+            (Some(0xFF), Some(_)) => match (bytes.get(i + 2), bytes.get(i + 3)) {
+                (Some(&hi), Some(&lo)) => i += 2 + usize::from(u16::from_be_bytes([hi, lo])),
+                _ => return false,
+            },
+            _ => return false,
+        }
+    };
+    bytes[sos..].windows(2).any(|w| w == [0xFF, 0xD9])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn jpeg(w: u32, h: u32) -> Vec<u8> {
+        let img = RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 7) as u8, (y * 5) as u8, 90]));
+        let mut out = Cursor::new(Vec::new());
+        img.write_to(&mut out, ImageFormat::Jpeg).unwrap();
+        out.into_inner()
+    }
+
+    /// The JPEG with an EXIF APP1 segment (little-endian TIFF, one Orientation entry) after SOI.
+    fn with_orientation(jpeg: &[u8], orientation: u16) -> Vec<u8> {
+        let mut tiff = b"II*\0".to_vec();
+        tiff.extend(8u32.to_le_bytes()); // first IFD
+        tiff.extend(1u16.to_le_bytes()); // one entry
+        tiff.extend(0x0112u16.to_le_bytes()); // Orientation
+        tiff.extend(3u16.to_le_bytes()); // SHORT
+        tiff.extend(1u32.to_le_bytes());
+        tiff.extend(orientation.to_le_bytes());
+        tiff.extend([0, 0]);
+        tiff.extend(0u32.to_le_bytes()); // no next IFD
+        let mut app1 = b"Exif\0\0".to_vec();
+        app1.extend(tiff);
+        let mut out = jpeg[..2].to_vec();
+        out.extend([0xFF, 0xE1]);
+        out.extend(((app1.len() + 2) as u16).to_be_bytes());
+        out.extend(app1);
+        out.extend(&jpeg[2..]);
+        out
+    }
+
+    #[test]
+    fn exif_orientation_turns_the_image_as_viewers_show_it() {
+        let plain = jpeg(40, 24);
+        let stored = decode_rgb(&plain, "image", u64::MAX).unwrap();
+        // 6: the stored frame is shown turned 90 degrees clockwise.
+        let turned = with_orientation(&plain, 6);
+        assert_eq!(oriented_size(&turned, "image", u64::MAX).unwrap(), (24, 40));
+        let img = decode_rgb(&turned, "image", u64::MAX).unwrap();
+        assert_eq!(img.dimensions(), (24, 40));
+        assert_eq!(img, image::imageops::rotate90(&stored));
+        // 1 and 3 keep the size; 3 is a half turn.
+        assert_eq!(oriented_size(&with_orientation(&plain, 1), "image", u64::MAX).unwrap(), (40, 24));
+        assert_eq!(decode_rgb(&with_orientation(&plain, 3), "image", u64::MAX).unwrap(), image::imageops::rotate180(&stored));
+    }
+
+    #[test]
+    fn a_complete_jpeg_with_trailing_bytes_is_not_taken_for_a_truncated_one() {
+        let mut j = jpeg(16, 16);
+        assert!(jpeg_has_end_marker(&j));
+        // Trailing bytes that hold a start-of-scan marker but no end marker after it.
+        j.extend([0x00, 0xFF, 0xDA, 0x12]);
+        assert!(jpeg_has_end_marker(&j));
+        assert!(decode_rgb(&j, "image", u64::MAX).is_ok());
+        // Cut inside the scan: refused.
+        let j = jpeg(16, 16);
+        assert!(!jpeg_has_end_marker(&j[..j.len() - 10]));
     }
 }

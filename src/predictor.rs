@@ -294,12 +294,7 @@ impl Predictor {
         let mut out = Vec::with_capacity(batch.len());
         for i in 0..b {
             let scores: Vec<f32> = Vec::<f32>::try_from(iou.get(i))?;
-            let best = scores
-                .iter()
-                .enumerate()
-                .max_by(|a, b| a.1.total_cmp(b.1))
-                .map(|(k, _)| k)
-                .unwrap_or(0);
+            let best = first_argmax(&scores);
             let (first, count) = match which {
                 Masks::All => (0, low_res.size()[1]),
                 Masks::Best => (best as i64, 1),
@@ -336,6 +331,11 @@ impl Predictor {
 /// Checks a prompt and maps it to the model's input frame (`input_size`, the image resized from
 /// `original_size`); `low_res_side` is the side of the mask input. Coordinates outside the image
 /// are clipped to [0, width] x [0, height]; the returned flag says that it happened.
+/// The index of the highest score, the first of equal ones (as torch.argmax picks); 0 when empty.
+pub fn first_argmax(scores: &[f32]) -> usize {
+    scores.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0))).map_or(0, |(k, _)| k)
+}
+
 pub fn validate_prompt(p: &Prompt, field: &str, original_size: (i64, i64), input_size: (i64, i64), low_res_side: i64) -> Result<(Prompt, bool)> {
     let (oh, ow) = original_size;
     let (ih, iw) = input_size;
@@ -380,4 +380,15 @@ pub fn validate_prompt(p: &Prompt, field: &str, original_size: (i64, i64), input
         out.mask_input = Some(m.clone());
     }
     Ok((out, clipped))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn ties_pick_the_first_mask_as_torch_argmax_does() {
+        assert_eq!(super::first_argmax(&[0.9, 0.9, 0.5]), 0);
+        assert_eq!(super::first_argmax(&[0.1, 0.7, 0.7, 0.2]), 1);
+        assert_eq!(super::first_argmax(&[0.1, 0.2, 0.3]), 2);
+        assert_eq!(super::first_argmax(&[]), 0);
+    }
 }

@@ -189,6 +189,18 @@ fn box_ellipse_is_the_inscribed_ellipse() {
     assert_eq!(m.data[50 * 200 + 60], 1, "centre inside");
     assert_eq!(m.data[20 * 200 + 10], 0, "box corner outside");
     assert_eq!(box_ellipse(None, 4, 4).area(), 0);
+    // Box coordinates are pixel indices: [10, 10, 20, 20] spans pixels 10..=20, and its circle
+    // (radius 5 about pixel 15) is symmetric within them: 81 pixels, 10 and 20 included.
+    let c = box_ellipse(Some([10.0, 10.0, 20.0, 20.0]), 32, 32);
+    assert_eq!(c.area(), 81);
+    let at = |x: usize, y: usize| c.data[y * 32 + x];
+    assert!(at(10, 15) == 1 && at(20, 15) == 1 && at(15, 10) == 1 && at(15, 20) == 1);
+    assert!(at(9, 15) == 0 && at(21, 15) == 0 && at(15, 9) == 0 && at(15, 21) == 0);
+    for y in 0..32 {
+        for x in 0..=30 {
+            assert_eq!(at(x, y), at(30 - x, y), "mirror symmetric about pixel 15");
+        }
+    }
 }
 
 fn copy_dir(from: &Path, to: &Path) {

@@ -228,10 +228,11 @@ impl BinaryMask {
     }
 }
 
-/// Decodes a mask file: any format the image crate reads, foreground = grey value >= 128
-/// (HAM10000 masks are {0,255}, 8-bit grey or 1-bit palette).
+/// Decodes a mask file: any format the image crate reads (turned by its EXIF orientation, as
+/// images are), foreground = grey value >= 128 (HAM10000 masks are {0,255}, 8-bit grey or 1-bit
+/// palette). Empty, zero-sized or unreadable files are errors naming `field`.
 pub fn decode_mask(bytes: &[u8], field: &str) -> Result<BinaryMask> {
-    let img = image::load_from_memory(bytes).map_err(|e| invalid(field, format!("not a readable mask image: {e}")))?;
+    let img = crate::image_io::decode_oriented(bytes, field, u64::MAX)?;
     let grey = img.to_luma8();
     let (width, height) = grey.dimensions();
     Ok(BinaryMask { width, height, data: grey.into_raw().into_iter().map(|v| u8::from(v >= 128)).collect() })

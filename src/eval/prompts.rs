@@ -141,16 +141,19 @@ pub fn draw(mask: &BinaryMask, params: &SimParams, rng: &mut impl Rng) -> (Optio
     (Some(bbox), Some(point))
 }
 
-/// The model-free baseline: the ellipse inscribed in the box (pixel centres inside it).
+/// The model-free baseline: the ellipse inscribed in the box (pixels whose index lies inside
+/// it). Box coordinates are pixel indices, as SAM reads them (it adds 0.5 to reach the pixel's
+/// centre), so the box [10, 10, 20, 20] spans pixels 10 to 20 and its ellipse is centred on
+/// pixel 15.
 pub fn box_ellipse(bbox: Option<[f32; 4]>, width: u32, height: u32) -> BinaryMask {
     let mut data = vec![0u8; width as usize * height as usize];
     if let Some([x0, y0, x1, y1]) = bbox {
         let (cx, cy) = ((x0 + x1) / 2.0, (y0 + y1) / 2.0);
         let (rx, ry) = (((x1 - x0) / 2.0).max(0.5), ((y1 - y0) / 2.0).max(0.5));
         for y in 0..height as usize {
-            let ny = (y as f32 + 0.5 - cy) / ry;
+            let ny = (y as f32 - cy) / ry;
             for x in 0..width as usize {
-                let nx = (x as f32 + 0.5 - cx) / rx;
+                let nx = (x as f32 - cx) / rx;
                 data[y * width as usize + x] = u8::from(nx * nx + ny * ny <= 1.0);
             }
         }

@@ -228,8 +228,9 @@ async fn evaluate_one(
     input: EvalInput,
 ) -> std::result::Result<ImageResult, std::result::Result<Problem, Error>> {
     let problem = |e: Error| Ok(Problem { id: input.id.clone(), message: e.to_string() });
-    let (width, height) = image_size(&input.image, "image", req.max_pixels).map_err(problem)?;
-    image_size(&input.mask, "mask", req.max_pixels).map_err(problem)?;
+    // The image's size as the model sees it (EXIF orientation applied), to fit the truth to.
+    let (width, height) = crate::image_io::oriented_size(&input.image, "image", req.max_pixels).map_err(problem)?;
+    crate::image_io::oriented_size(&input.mask, "mask", req.max_pixels).map_err(problem)?;
     let truth = decode_mask(&input.mask, "mask").map_err(problem)?;
     let (truth, mask_resized) = truth.fitted_to(width, height);
     if truth.area() == 0 && req.mode != PromptMode::None {
@@ -290,19 +291,6 @@ async fn model_result(registry: &Registry, req: &EvalRequest, model: &str, image
 const OVERLOAD_TRIES: u32 = 10;
 const OVERLOAD_FIRST_PAUSE: std::time::Duration = std::time::Duration::from_millis(25);
 const OVERLOAD_MAX_PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// (width, height) from the image header, within the pixel limit.
-fn image_size(bytes: &[u8], field: &str, max_pixels: u64) -> Result<(u32, u32)> {
-    let (w, h) = image::ImageReader::new(std::io::Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| invalid(field, e.to_string()))?
-        .into_dimensions()
-        .map_err(|e| invalid(field, format!("not a readable image: {e}")))?;
-    if u64::from(w) * u64::from(h) > max_pixels {
-        return Err(invalid(field, format!("{w}x{h} is over the limit of {max_pixels} pixels")));
-    }
-    Ok((w, h))
-}
 
 /// Summaries per model, and (final) paired comparisons of every pair of models.
 pub fn summarize(models: &[String], rows: &[ImageResult], total: usize, skipped: usize, is_final: bool, seed: u64) -> EvalSummary {
