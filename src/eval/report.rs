@@ -154,6 +154,12 @@ pub fn markdown(info: &RunInfo, s: &EvalSummary) -> String {
             " {} ground-truth masks had another size than their image and were resized to the image with nearest-neighbour.",
             s.masks_resized
         ));
+        let in_image_pixels = info.settings.get("reference_width").and_then(|v| v.as_u64()) == Some(0);
+        let boxes = info.settings.get("prompt_mode").and_then(|v| v.as_str()).is_some_and(|m| m.contains("BOX"));
+        if in_image_pixels && boxes {
+            // HAM10000's masks keep the originals' size: the paper's 20 / 30 px were meant there.
+            md.push_str(" The box offsets (margin, shift) were in the images' own pixels (`reference_width` 0); the SkinSAM paper drew them on the original images: to follow it, give the originals' width as `reference_width` (`--reference-width 600` for HAM10000).");
+        }
     }
     md.push_str(&format!("\n\nSettings: `{}`\n\n", info.settings));
     let labels: Vec<String> = s.models.values().next().map(|m| m.by_label.keys().cloned().collect()).unwrap_or_default();
@@ -410,4 +416,25 @@ pub fn write_report(
     }
     write_atomic(&dir.join(REPORT_MD), md.as_bytes())?;
     Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_report_says_when_box_offsets_were_in_the_images_pixels_while_masks_were_larger() {
+        let s = EvalSummary { masks_resized: 3, images_done: 3, ..Default::default() };
+        let info = |width: u64, mode: &str| RunInfo {
+            dataset: "d".into(),
+            models: vec![],
+            settings: serde_json::json!({"reference_width": width, "prompt_mode": mode}),
+            skipped: vec![],
+        };
+        assert!(markdown(&info(0, "PROMPT_MODE_BOX_POINT"), &s).contains("--reference-width 600"));
+        assert!(!markdown(&info(600, "PROMPT_MODE_BOX_POINT"), &s).contains("--reference-width 600"));
+        assert!(!markdown(&info(0, "PROMPT_MODE_POINT"), &s).contains("--reference-width 600"));
+        let same_size = EvalSummary { masks_resized: 0, ..s };
+        assert!(!markdown(&info(0, "PROMPT_MODE_BOX"), &same_size).contains("--reference-width 600"));
+    }
 }
