@@ -77,3 +77,94 @@ pub fn tune_allocator() {
         libc::mallopt(libc::M_TOP_PAD, 64 << 20);
     }
 }
+
+/// libtorch's per-thread intra-op thread count setters: OpenMP's `omp_set_num_threads` (the
+/// calling thread's nthreads-var) and MKL's `MKL_Set_Num_Threads_Local` (the C entry point that
+/// mkl_service.h maps `mkl_set_num_threads_local` to; the lower-case symbol is the Fortran one,
+/// which takes a pointer). Looked up in the libraries already loaded; None where either is
+/// missing (another OpenMP runtime, no MKL).
+type OmpSetThreads = unsafe extern "C" fn(libc::c_int);
+type MklSetThreadsLocal = unsafe extern "C" fn(libc::c_int) -> libc::c_int;
+fn thread_local_setters() -> Option<&'static (OmpSetThreads, MklSetThreadsLocal)> {
+    static SETTERS: std::sync::OnceLock<Option<(OmpSetThreads, MklSetThreadsLocal)>> = std::sync::OnceLock::new();
+    SETTERS
+        .get_or_init(|| {
+            #[cfg(unix)]
+            {
+                // SAFETY: dlopen(NULL) only returns the handle of what is already loaded; the two
+                // symbols have these C signatures. The handle is leaked so the pointers stay valid.
+                unsafe {
+                    let this = Box::leak(Box::new(libloading::os::unix::Library::this()));
+                    let omp = *this.get::<OmpSetThreads>(b"omp_set_num_threads\0").ok()?;
+                    let mkl = *this.get::<MklSetThreadsLocal>(b"MKL_Set_Num_Threads_Local\0").ok()?;
+                    Some((omp, mkl))
+                }
+            }
+            #[cfg(not(unix))]
+            None
+        })
+        .as_ref()
+}
+
+/// Whether [`set_intra_op_threads_for_this_thread`] works here: the setters are found, and in a
+/// throwaway thread they do change what libtorch then uses (found once). A setter from another
+/// OpenMP runtime than libtorch's would leave it unchanged, and callers would oversubscribe.
+pub fn thread_local_intra_op_available() -> bool {
+    static WORKS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *WORKS.get_or_init(|| {
+        thread_local_setters().is_some()
+            && std::thread::spawn(|| {
+                let target = if tch::get_num_threads() == 1 { 2 } else { 1 };
+                apply_intra_op_threads(target)
+            })
+            .join()
+            .unwrap_or(false)
+    })
+}
+
+/// Sets libtorch's intra-op parallelism for the calling thread only. `tch::set_num_threads` would
+/// also change the process-wide count that every thread started later (a model loaded later, say)
+/// takes as its own. Returns false, changing nothing, where the setters are not found.
+pub fn set_intra_op_threads_for_this_thread(n: i32) -> bool {
+    thread_local_intra_op_available() && apply_intra_op_threads(n)
+}
+
+fn apply_intra_op_threads(n: i32) -> bool {
+    let Some((omp, mkl)) = thread_local_setters() else { return false };
+    // libtorch sets a thread's count from the process-wide one on the thread's first parallel
+    // op; have that happen now, so that it does not undo what follows.
+    let _ = tch::get_num_threads();
+    // SAFETY: both take a thread count and act on the calling thread only.
+    unsafe {
+        omp(n);
+        mkl(n);
+    }
+    tch::get_num_threads() == n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_threads_intra_op_count_is_its_own() {
+        if !thread_local_intra_op_available() {
+            eprintln!("no OpenMP/MKL setters in this libtorch: the encoder does not split heads");
+            return;
+        }
+        let before = tch::get_num_threads();
+        let inside = std::thread::spawn(|| {
+            let set = set_intra_op_threads_for_this_thread(1);
+            // A parallel op afterwards must not reset it (libtorch's lazy per-thread init).
+            let _ = tch::Tensor::ones([1000, 1000], (tch::Kind::Float, Device::Cpu)).sum(tch::Kind::Float);
+            (set, tch::get_num_threads())
+        })
+        .join()
+        .unwrap();
+        assert_eq!(inside, (true, 1));
+        assert_eq!(tch::get_num_threads(), before, "the calling thread keeps its count");
+        // A thread started afterwards still starts from the process-wide count.
+        let fresh = std::thread::spawn(tch::get_num_threads).join().unwrap();
+        assert_eq!(fresh, before);
+    }
+}

@@ -3,7 +3,7 @@
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
-/// Rows (tokens) from which a CPU fp32 linear layer runs as a 1x1 convolution ([`linear_with`]).
+/// Rows (tokens) from which a CPU fp32 or bf16 linear layer runs as a 1x1 convolution ([`linear_with`]).
 const CONV_MIN_ROWS: i64 = 256;
 
 /// `x.apply(layer)`: a linear layer over the last axis of x.
@@ -11,17 +11,19 @@ pub fn linear(x: &Tensor, layer: &nn::Linear) -> Tensor {
     linear_with(x, &layer.ws, layer.bs.as_ref())
 }
 
-/// x (.., K) times weight (N, K) transposed, plus bias (N). On the CPU in fp32, for many rows,
-/// as a 1x1 convolution over the rows as channels-last pixels: libtorch sends fp32 linear
-/// layers to MKL, whose sgemm took 160-200 GFLOP/s for SAM's shapes on the 2-core AMD EPYC
-/// build machine, and convolutions to oneDNN, which took 310-430 GFLOP/s for the same products
-/// (`scripts/bench_gemm_paths.py`; `benchmarks/gemm-paths-cpu-2026-12-02.jsonl`). Same sums, in
-/// another order. bf16 products already go to oneDNN; few rows (the decoder's tokens) stay linear.
+/// x (.., K) times weight (N, K) transposed, plus bias (N). On the CPU in fp32 or bf16, for
+/// many rows, as a 1x1 convolution over the rows as channels-last pixels: libtorch sends fp32
+/// linear layers to MKL, whose sgemm took 160-200 GFLOP/s for SAM's shapes on the 2-core AMD
+/// EPYC build machine, and convolutions to oneDNN, which took 310-430 GFLOP/s for the same
+/// products (`scripts/bench_gemm_paths.py`; `benchmarks/gemm-paths-cpu-2026-12-02.jsonl`; on a
+/// later VM of the same family 190-220 against 160-200). In bf16 both go to oneDNN, the
+/// convolution 3-10% faster for the large shapes (`benchmarks/gemm-paths-cpu-2026-12-03.jsonl`).
+/// Same sums, in another order. Few rows (the decoder's tokens) stay linear.
 pub fn linear_with(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
     let mut shape = x.size();
     let k = *shape.last().expect("linear input has a last axis");
     let rows = if k > 0 { x.numel() as i64 / k } else { 0 };
-    if x.device() != Device::Cpu || x.kind() != Kind::Float || rows < CONV_MIN_ROWS {
+    if x.device() != Device::Cpu || !matches!(x.kind(), Kind::Float | Kind::BFloat16) || rows < CONV_MIN_ROWS {
         return x.linear(weight, bias);
     }
     let n = weight.size()[0];
@@ -132,5 +134,36 @@ impl Module for Mlp {
             }
         }
         x
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The 1x1-convolution route gives the linear layer's result, in the input's shape, for both
+    /// kinds it takes, and the plain route is kept below the row threshold.
+    #[test]
+    fn linear_with_equals_the_linear_layer() {
+        tch::manual_seed(3);
+        for kind in [Kind::Float, Kind::BFloat16] {
+            for shape in [vec![2, 300, 48], vec![5, 48], vec![1, 16, 16, 48]] {
+                let opts = (kind, Device::Cpu);
+                let x = Tensor::randn(shape.as_slice(), opts);
+                let w = Tensor::randn([24, 48], opts);
+                let b = Tensor::randn([24], opts);
+                let want = x.linear(&w, Some(&b)).to_kind(Kind::Float);
+                let got = linear_with(&x, &w, Some(&b));
+                assert_eq!(got.kind(), kind);
+                let mut out_shape = shape.clone();
+                *out_shape.last_mut().unwrap() = 24;
+                assert_eq!(got.size(), out_shape);
+                // Sums of 48 unit products: fp32 to rounding; bf16 results (8 significant bits)
+                // may round to neighbouring values, one step (2^-7 relative) apart.
+                let rel = if kind == Kind::Float { 1e-5 } else { 2f64.powi(-7) };
+                let excess = ((got.to_kind(Kind::Float) - &want).abs() - want.abs() * rel).max().double_value(&[]);
+                assert!(excess < 1e-3, "{kind:?} {shape:?}: beyond tolerance by {excess}");
+            }
+        }
     }
 }

@@ -3,6 +3,7 @@
 //! and a neck down to the prompt embedding width.
 
 use super::common::{linear, Activation, LayerNorm2d, MlpBlock};
+use super::rel_pos_softmax::bias_softmax_bf16_;
 use super::variant::SamConfig;
 use tch::nn;
 use tch::{Device, Kind, Tensor};
@@ -102,32 +103,86 @@ const QUERIES_PER_CHUNK: i64 = 256;
 /// softmax(q k^T * scale + rel_h + rel_w) v, a few image rows of queries at a time. The fused
 /// kernel needs the bias as a full (heads, N, N) mask: 805 MB for vit_b's global blocks, whose
 /// writing and reading cost as much as the attention itself on a CPU. Here the decomposed bias
-/// is added in place to each chunk's logits while they are in cache.
+/// is added to each chunk's logits while they are in cache: for bf16 on an AVX-512 CPU together
+/// with the softmax, one query row at a time ([`bias_softmax_bf16_`]), otherwise in place.
 ///
 /// q, k, v: (BH, N, C) with N = h * w; rel_h: (BH, h, w, h); rel_w: (BH, h, w, w).
 fn chunked_rel_pos_attention(q: &Tensor, k: &Tensor, v: &Tensor, rel_h: &Tensor, rel_w: &Tensor, scale: f64) -> Tensor {
     if q.device() == Device::Cpu && q.kind() == Kind::Float {
         return chunked_rel_pos_attention_transposed(q, k, v, rel_h, rel_w, scale);
     }
-    let (bh, h, w, _) = rel_h.size4().expect("rel_h is (BH, h, w, h)");
+    let (_, h, w, _) = rel_h.size4().expect("rel_h is (BH, h, w, h)");
     let rows = (QUERIES_PER_CHUNK / w).max(1);
     let q = q * scale;
-    let mut outs = Vec::with_capacity((bh * ((h + rows - 1) / rows)) as usize);
-    for i in 0..bh {
-        let (qi, kt, vi) = (q.get(i), k.get(i).transpose(0, 1), v.get(i));
-        let (rh, rw) = (rel_h.get(i), rel_w.get(i));
+    let kind = q.kind();
+    let head = move |[qi, ki, vi, rh, rw]: [Tensor; 5]| -> Tensor {
+        let kt = ki.transpose(0, 1);
+        let (rh, rw) = (rh.contiguous(), rw.contiguous());
+        let mut outs = Vec::with_capacity(((h + rows - 1) / rows) as usize);
         let mut r0 = 0;
         while r0 < h {
             let r = rows.min(h - r0);
-            let mut logits = qi.narrow(0, r0 * w, r * w).matmul(&kt).view([r, w, h, w]);
-            let _ = logits.g_add_(&rh.narrow(0, r0, r).unsqueeze(-1));
-            let _ = logits.g_add_(&rw.narrow(0, r0, r).unsqueeze(-2));
-            let probs = logits.view([r * w, h * w]).softmax(-1, q.kind());
+            let mut logits = qi.narrow(0, r0 * w, r * w).matmul(&kt);
+            let (rh_chunk, rw_chunk) = (rh.narrow(0, r0, r), rw.narrow(0, r0, r));
+            let probs = if bias_softmax_bf16_(&mut logits, &rh_chunk.reshape([r * w, h]), &rw_chunk.reshape([r * w, w])) {
+                logits
+            } else {
+                let mut logits = logits.view([r, w, h, w]);
+                let _ = logits.g_add_(&rh_chunk.unsqueeze(-1));
+                let _ = logits.g_add_(&rw_chunk.unsqueeze(-2));
+                logits.view([r * w, h * w]).softmax(-1, kind)
+            };
             outs.push(probs.matmul(&vi));
             r0 += r;
         }
+        Tensor::cat(&outs, 0)
+    };
+    by_heads(&q, k, v, rel_h, rel_w, head)
+}
+
+/// `head` applied to each head's (q, k, v, rel_h, rel_w), the results stacked: (BH, N, C).
+///
+/// On the CPU with more than one intra-op thread (and no autograd), the heads are shared out
+/// over that many threads, each running its heads' products and softmax on its own core,
+/// single-threaded. With every small product split over both cores instead, the cores wait for
+/// each other at each product's end, and one of them idles through the bf16 path's
+/// single-threaded softmax: sharing out took vit_b's four global blocks from about 1030 to
+/// 790 ms per bf16 embedding on the 2-core build machine.
+fn by_heads(q: &Tensor, k: &Tensor, v: &Tensor, rel_h: &Tensor, rel_w: &Tensor, head: impl Fn([Tensor; 5]) -> Tensor + Sync) -> Tensor {
+    let bh = q.size()[0];
+    let per_head = |i: i64| [q.get(i), k.get(i), v.get(i), rel_h.get(i), rel_w.get(i)];
+    let threads = tch::get_num_threads().max(1) as i64;
+    // Only for inference: the threads share nothing with the caller's autograd graph.
+    let split = threads > 1
+        && bh > 1
+        && q.device() == Device::Cpu
+        && [q, k, v, rel_h, rel_w].iter().all(|t| !t.requires_grad())
+        && crate::device::thread_local_intra_op_available();
+    if !split {
+        return Tensor::stack(&(0..bh).map(|i| head(per_head(i))).collect::<Vec<_>>(), 0);
     }
-    Tensor::cat(&outs, 0).view([bh, h * w, -1])
+    let threads = threads.min(bh);
+    let mut work: Vec<Vec<(i64, [Tensor; 5])>> = (0..threads).map(|_| Vec::new()).collect();
+    for i in 0..bh {
+        work[(i % threads) as usize].push((i, per_head(i)));
+    }
+    let head = &head;
+    let mut outs: Vec<(i64, Tensor)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = work
+            .into_iter()
+            .map(|items| {
+                scope.spawn(move || {
+                    crate::device::set_intra_op_threads_for_this_thread(1);
+                    // Grad mode is per thread; a new thread starts with it on.
+                    tch::no_grad(|| items.into_iter().map(|(i, tensors)| (i, head(tensors))).collect::<Vec<_>>())
+                })
+            })
+            .collect();
+        // A panic in a head (a libtorch error) is re-raised here, as it would be unsplit.
+        handles.into_iter().flat_map(|t| t.join().unwrap_or_else(|e| std::panic::resume_unwind(e))).collect()
+    });
+    outs.sort_by_key(|(i, _)| *i);
+    Tensor::stack(&outs.into_iter().map(|(_, t)| t).collect::<Vec<_>>(), 0)
 }
 
 /// [`chunked_rel_pos_attention`] for fp32 on the CPU, with both products as 1x1 convolutions
@@ -138,17 +193,15 @@ fn chunked_rel_pos_attention(q: &Tensor, k: &Tensor, v: &Tensor, rel_h: &Tensor,
 /// probabilities are the next convolution's input as they are (keys as channels). A vit_b head
 /// chunk took 1.31 ms this way against 1.76 ms.
 fn chunked_rel_pos_attention_transposed(q: &Tensor, k: &Tensor, v: &Tensor, rel_h: &Tensor, rel_w: &Tensor, scale: f64) -> Tensor {
-    let (bh, h, w, _) = rel_h.size4().expect("rel_h is (BH, h, w, h)");
+    let (_, h, w, _) = rel_h.size4().expect("rel_h is (BH, h, w, h)");
     let n = h * w;
     let rows = (QUERIES_PER_CHUNK / w).max(1);
     let q = q * scale;
     let d = q.size()[2];
-    let mut outs = Vec::with_capacity(bh as usize);
-    for i in 0..bh {
+    let head = move |[qi, ki, vi, rh, rw]: [Tensor; 5]| -> Tensor {
         // Keys as channels-last pixels (1, d, 1, N); values transposed as filters (d, N, 1, 1).
-        let keys = k.get(i).contiguous().view([1, 1, n, d]).permute([0, 3, 1, 2]);
-        let values = v.get(i).transpose(0, 1).contiguous().view([d, n, 1, 1]);
-        let (qi, rh, rw) = (q.get(i), rel_h.get(i), rel_w.get(i));
+        let keys = ki.contiguous().view([1, 1, n, d]).permute([0, 3, 1, 2]);
+        let values = vi.transpose(0, 1).contiguous().view([d, n, 1, 1]);
         let mut chunks = Vec::with_capacity(((h + rows - 1) / rows) as usize);
         let mut r0 = 0;
         while r0 < h {
@@ -168,9 +221,9 @@ fn chunked_rel_pos_attention_transposed(q: &Tensor, k: &Tensor, v: &Tensor, rel_
             chunks.push(out.view([d, m]));
             r0 += r;
         }
-        outs.push(Tensor::cat(&chunks, 1).transpose(0, 1));
-    }
-    Tensor::stack(&outs, 0)
+        Tensor::cat(&chunks, 1).transpose(0, 1)
+    };
+    by_heads(&q, k, v, rel_h, rel_w, head)
 }
 
 /// Relative positions table (q_size, k_size, C) for equal query and key sizes, as
@@ -334,5 +387,36 @@ mod tests {
         let by_matmul = chunked_rel_pos_attention(&q16, &k16, &v16, &rh16, &rw16, scale).to_kind(Kind::Float);
         let diff = (&by_matmul - &want).abs().max().double_value(&[]);
         assert!(diff < 1e-5, "matrix-product layout: max abs diff {diff}");
+    }
+
+    /// bf16 on the CPU: the fused bias-and-softmax (on AVX-512 CPUs) and the heads shared out
+    /// over the intra-op threads (with more than one), against the plain fp32 computation from
+    /// the same bf16-rounded inputs.
+    #[test]
+    fn bf16_chunked_attention_agrees_with_fp32() {
+        // Two intra-op threads on this test's thread (only), so that the heads are shared out
+        // wherever that is possible, whatever the process default.
+        let shared_out = crate::device::set_intra_op_threads_for_this_thread(2);
+        eprintln!("heads shared out over threads: {shared_out}");
+        tch::manual_seed(5);
+        // 32 x 32 tokens (rows a multiple of 16: the fused path applies), 5 heads: an odd
+        // number to share out.
+        let (bh, h, w, d) = (5, 32, 32, 16);
+        let n = h * w;
+        let bf = |shape: &[i64], s: f64| (Tensor::randn(shape, (Kind::Float, Device::Cpu)) * s).to_kind(Kind::BFloat16);
+        let (q, k, v) = (bf(&[bh, n, d], 1.0), bf(&[bh, n, d], 1.0), bf(&[bh, n, d], 1.0));
+        let (rel_h, rel_w) = (bf(&[bh, h, w, h], 1.0), bf(&[bh, h, w, w], 1.0));
+        let f = |t: &Tensor| t.to_kind(Kind::Float);
+        let scale = 0.25;
+        let want = plain(&f(&q), &f(&k), &f(&v), &f(&rel_h), &f(&rel_w), scale);
+        let got = chunked_rel_pos_attention(&q, &k, &v, &rel_h, &rel_w, scale);
+        assert_eq!(got.kind(), Kind::BFloat16);
+        assert_eq!(got.size(), want.size());
+        // Outputs are averages of unit-variance values, kept in bf16 (8 significant bits),
+        // with bf16 logits and probabilities on the way.
+        let diff = (f(&got) - &want).abs().max().double_value(&[]);
+        assert!(diff < 0.05, "bf16 against fp32: max abs diff {diff}");
+        let mean = (f(&got) - &want).abs().mean(Kind::Float).double_value(&[]);
+        assert!(mean < 0.005, "bf16 against fp32: mean abs diff {mean}");
     }
 }

@@ -6,6 +6,7 @@ pub mod common;
 pub mod image_encoder;
 pub mod mask_decoder;
 pub mod prompt_encoder;
+mod rel_pos_softmax;
 pub mod transformer;
 pub mod variant;
 
