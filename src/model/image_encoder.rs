@@ -5,6 +5,7 @@
 use super::common::{linear, Activation, LayerNorm2d, MlpBlock};
 use super::rel_pos_softmax::bias_softmax_bf16_;
 use super::variant::SamConfig;
+use std::sync::Mutex;
 use tch::nn;
 use tch::{Device, Kind, Tensor};
 
@@ -167,19 +168,33 @@ fn by_heads(q: &Tensor, k: &Tensor, v: &Tensor, rel_h: &Tensor, rel_w: &Tensor, 
         work[(i % threads) as usize].push((i, per_head(i)));
     }
     let head = &head;
+    let slots: Vec<Mutex<Option<Vec<(i64, [Tensor; 5])>>>> = work.into_iter().map(|w| Mutex::new(Some(w))).collect();
+    let run = |slot: &Mutex<Option<Vec<(i64, [Tensor; 5])>>>| -> Vec<(i64, Tensor)> {
+        let items = slot.lock().unwrap_or_else(|e| e.into_inner()).take().unwrap_or_default();
+        // Grad mode is per thread; a new thread starts with it on.
+        tch::no_grad(|| items.into_iter().map(|(i, tensors)| (i, head(tensors))).collect())
+    };
     let mut outs: Vec<(i64, Tensor)> = std::thread::scope(|scope| {
-        let handles: Vec<_> = work
-            .into_iter()
-            .map(|items| {
-                scope.spawn(move || {
+        let handles: Vec<_> = slots
+            .iter()
+            .map(|slot| {
+                let spawned = std::thread::Builder::new().spawn_scoped(scope, move || {
                     crate::device::set_intra_op_threads_for_this_thread(1);
-                    // Grad mode is per thread; a new thread starts with it on.
-                    tch::no_grad(|| items.into_iter().map(|(i, tensors)| (i, head(tensors))).collect::<Vec<_>>())
-                })
+                    run(slot)
+                });
+                spawned.ok()
             })
             .collect();
-        // A panic in a head (a libtorch error) is re-raised here, as it would be unsplit.
-        handles.into_iter().flat_map(|t| t.join().unwrap_or_else(|e| std::panic::resume_unwind(e))).collect()
+        let mut outs = Vec::with_capacity(bh as usize);
+        for (slot, handle) in slots.iter().zip(handles) {
+            match handle {
+                // A panic in a head (a libtorch error) is re-raised here, as it would be unsplit.
+                Some(t) => outs.extend(t.join().unwrap_or_else(|e| std::panic::resume_unwind(e))),
+                // A thread the OS would not start: its heads run here instead.
+                None => outs.extend(run(slot)),
+            }
+        }
+        outs
     });
     outs.sort_by_key(|(i, _)| *i);
     Tensor::stack(&outs.into_iter().map(|(_, t)| t).collect::<Vec<_>>(), 0)

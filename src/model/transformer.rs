@@ -4,16 +4,16 @@ use super::common::{linear, linear_with, Activation, MlpBlock};
 use tch::nn;
 use tch::Tensor;
 
-/// a (B, M, C) times x (B or 1, N, C) transposed: (B, M, N), contiguous. Through
-/// [`linear_with`] with x's rows as the rows and a's as the weights, so that on the CPU in fp32
-/// the image tokens go through oneDNN rather than MKL (0.43 against 1.08 ms for SAM's
-/// 64 x 256 by 4096 x 256 product on the 2-core AMD machine, the transposing copy included).
-fn times_transposed(a: &Tensor, x: &Tensor) -> Tensor {
+/// Image tokens x (B or 1, HW, C) times a (B, M, C) transposed, plus `bias` (B, M) when given:
+/// (B, HW, M). Through [`linear_with`] with x's rows as the rows and a's as the weights, so that
+/// on the CPU in fp32 the image tokens go through oneDNN rather than MKL (0.43 against 1.08 ms
+/// for SAM's 64 x 256 by 4096 x 256 product on the 2-core AMD machine).
+fn image_times(x: &Tensor, a: &Tensor, bias: Option<&Tensor>) -> Tensor {
     let b = a.size()[0];
     let outs: Vec<Tensor> = (0..b)
         .map(|i| {
             let xi = x.get(if x.size()[0] == 1 { 0 } else { i });
-            linear_with(&xi, &a.get(i), None).transpose(0, 1).contiguous()
+            linear_with(&xi, &a.get(i), bias.map(|t| t.get(i)).as_ref())
         })
         .collect();
     Tensor::stack(&outs, 0)
@@ -72,7 +72,9 @@ impl Attention {
     /// Same result as [`Self::forward`], but for few tokens the image tokens are never projected:
     /// per head, q_h (x W_k,h)^T = (q_h W_k,h) x^T, the key bias only shifts each query's scores
     /// (softmax ignores it), and p (x W_v,h^T + b_v,h) = (p x) W_v,h^T + b_v,h since p's rows sum
-    /// to one. That halves the work of SAM's token-to-image attentions.
+    /// to one. That halves the work of SAM's token-to-image attentions. The scores stay laid out
+    /// (B, HW, hN), as the product gives them, with the softmax over HW: transposing them to
+    /// (B, hN, HW) first cost a copy.
     fn tokens_to_image(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
         let (b, n, c) = q.size3().expect("BNC");
         if !self.few_tokens(n) {
@@ -82,43 +84,46 @@ impl Attention {
         let q = self.separate_heads(&q.apply(&self.q_proj));
         let d = q.size()[3];
         let per_head = |w: &Tensor| w.view([h, d, c]).unsqueeze(0);
-        // (B, h, N, d) @ (1, h, d, C): the queries in the image tokens' space.
-        let a = q.matmul(&per_head(&self.k_proj.ws)).reshape([b, h * n, c]);
-        let p = (times_transposed(&a, k) / (d as f64).sqrt()).softmax(-1, a.kind());
-        let px = p.matmul(v).view([b, h, n, c]);
+        // (B, h, N, d) @ (1, h, d, C): the queries in the image tokens' space, scaled already.
+        let a = (q / (d as f64).sqrt()).matmul(&per_head(&self.k_proj.ws)).reshape([b, h * n, c]);
+        let p = image_times(k, &a, None).softmax(1, a.kind()); // (B, HW, hN)
+        let px = p.transpose(1, 2).matmul(v).view([b, h, n, c]);
         let bias = self.v_proj.bs.as_ref().expect("attention projections have a bias");
         let out = px.matmul(&per_head(&self.v_proj.ws).transpose(2, 3)) + bias.view([1, h, 1, d]);
         out.transpose(1, 2).reshape([b, n, h * d]).apply(&self.out_proj)
     }
 
-    /// Image tokens (B or 1, HW, C) attending to prompt tokens k, v (B, N, C), unprojected. For
-    /// few tokens the image side's queries and output projections fold into the token side:
-    /// (x W_q,h^T + b_q,h) k_h^T = x (W_q,h^T k_h^T) + b_q,h k_h^T, and the output projection
-    /// sum_h p_h (v_h W_o,h^T) + b_o needs v_h W_o,h^T only for the N tokens.
-    fn image_to_tokens(&self, queries: ImageQueries, k: &Tensor, v: &Tensor) -> Tensor {
+    /// `residual` + image tokens (B or 1, HW, C) attending to prompt tokens k, v (B, N, C),
+    /// unprojected. For few tokens the image side's queries and output projections fold into the
+    /// token side: (x W_q,h^T + b_q,h) k_h^T = x (W_q,h^T k_h^T) + b_q,h k_h^T, and the output
+    /// projection sum_h p_h (v_h W_o,h^T) + b_o needs v_h W_o,h^T only for the N tokens. Each
+    /// head's probabilities sum to one over the tokens, so b_o / h added to every token's row
+    /// adds b_o, and the residual goes in as the product's starting value: no separate pass over
+    /// the image tokens for either.
+    fn image_to_tokens(&self, queries: ImageQueries, k: &Tensor, v: &Tensor, residual: &Tensor) -> Tensor {
         let (b, n, c) = k.size3().expect("BNC");
         if !self.few_tokens(n) {
             let q = match queries {
                 ImageQueries::Projected(q) => q.shallow_clone(),
                 ImageQueries::Raw(x) => x.apply(&self.q_proj),
             };
-            return self.attend(&q, &k.apply(&self.k_proj), &v.apply(&self.v_proj));
+            return residual + self.attend(&q, &k.apply(&self.k_proj), &v.apply(&self.v_proj));
         }
         let h = self.num_heads;
         let k = self.separate_heads(&k.apply(&self.k_proj)); // (B, h, N, d)
         let d = k.size()[3];
-        let scale = (d as f64).sqrt();
+        let k = k / (d as f64).sqrt();
         // Scores laid out (B, h, N, HW), the softmax over N: with the HW image positions as the
         // inner axis it is vectorised over them, where a (.., N) last axis of 5-16 tokens made
         // libtorch's softmax crawl (an eighth of a vit_b decode).
         let st = match queries {
-            ImageQueries::Projected(q) => k.matmul(&self.separate_heads(q).transpose(2, 3)) / scale, // (B, h, N, HW)
+            ImageQueries::Projected(q) => k.matmul(&self.separate_heads(q).transpose(2, 3)), // (B, h, N, HW)
             ImageQueries::Raw(x) => {
                 let wq = self.q_proj.ws.view([h, d, c]).unsqueeze(0); // (1, h, d, C)
                 let m = k.matmul(&wq).reshape([b, h * n, c]); // (B, hN, C)
                 let bq = self.q_proj.bs.as_ref().expect("attention projections have a bias");
-                let r = k.matmul(&bq.view([1, h, d, 1])).reshape([b, h * n, 1]);
-                let s = (times_transposed(&m, x) + r) / scale; // (B, hN, HW)
+                let r = k.matmul(&bq.view([1, h, d, 1])).reshape([b, h * n]);
+                let s = image_times(x, &m, Some(&r)).transpose(1, 2).contiguous(); // (B, hN, HW)
                 let hw = s.size()[2];
                 s.view([b, h, n, hw])
             }
@@ -128,9 +133,9 @@ impl Attention {
         let v = self.separate_heads(&v.apply(&self.v_proj)); // (B, h, N, d)
         let cout = self.out_proj.ws.size()[0];
         let wo = self.out_proj.ws.view([cout, h, d]).permute([1, 2, 0]).unsqueeze(0); // (1, h, d, C)
-        let vw = v.matmul(&wo).reshape([b, h * n, cout]);
         let bo = self.out_proj.bs.as_ref().expect("attention projections have a bias");
-        pt.transpose(1, 2).matmul(&vw) + bo
+        let vw = v.matmul(&wo).reshape([b, h * n, cout]) + bo / (h as f64);
+        residual.baddbmm(&pt.transpose(1, 2), &vw, 1, 1)
     }
 }
 
@@ -260,8 +265,7 @@ impl TwoWayAttentionBlock {
             ImageSide::Projected(p) => ImageQueries::Projected(&p.i2t_q),
             ImageSide::Raw(k) => ImageQueries::Raw(k),
         };
-        let attn = self.cross_attn_image_to_token.image_to_tokens(image_queries, &q, &queries);
-        let keys = (keys + attn).apply(&self.norm4);
+        let keys = self.cross_attn_image_to_token.image_to_tokens(image_queries, &q, &queries, keys).apply(&self.norm4);
         (queries, keys)
     }
 }
@@ -345,10 +349,12 @@ mod tests {
                 assert_eq!(got.size(), want.size());
                 assert!(max_diff(&got, &want) < 1e-4, "tokens_to_image, n = {n}: {}", max_diff(&got, &want));
                 // Image to token, from raw image tokens and from cached query projections.
-                let want = a.forward(img, &tokens, &tokens);
-                let raw = a.image_to_tokens(ImageQueries::Raw(img), &tokens, &tokens);
+                // The residual: other image tokens, broadcast over the prompts or one per prompt.
+                let residual = Tensor::randn(img.size(), opts);
+                let want = &residual + a.forward(img, &tokens, &tokens);
+                let raw = a.image_to_tokens(ImageQueries::Raw(img), &tokens, &tokens, &residual);
                 let projected = img.apply(&a.q_proj);
-                let cached = a.image_to_tokens(ImageQueries::Projected(&projected), &tokens, &tokens);
+                let cached = a.image_to_tokens(ImageQueries::Projected(&projected), &tokens, &tokens, &residual);
                 assert_eq!(raw.size(), want.size());
                 assert!(max_diff(&raw, &want) < 1e-4, "image_to_tokens raw, n = {n}: {}", max_diff(&raw, &want));
                 assert!(max_diff(&cached, &want) < 1e-4, "image_to_tokens cached, n = {n}: {}", max_diff(&cached, &want));
