@@ -185,14 +185,12 @@ fn by_heads(q: &Tensor, k: &Tensor, v: &Tensor, rel_h: &Tensor, rel_w: &Tensor, 
                 spawned.ok()
             })
             .collect();
-        let mut outs = Vec::with_capacity(bh as usize);
-        for (slot, handle) in slots.iter().zip(handles) {
-            match handle {
-                // A panic in a head (a libtorch error) is re-raised here, as it would be unsplit.
-                Some(t) => outs.extend(t.join().unwrap_or_else(|e| std::panic::resume_unwind(e))),
-                // A thread the OS would not start: its heads run here instead.
-                None => outs.extend(run(slot)),
-            }
+        // A thread the OS would not start: its heads run here, while the others work.
+        let mut outs: Vec<(i64, Tensor)> =
+            slots.iter().zip(&handles).filter(|(_, h)| h.is_none()).flat_map(|(slot, _)| run(slot)).collect();
+        for t in handles.into_iter().flatten() {
+            // A panic in a head (a libtorch error) is re-raised here, as it would be unsplit.
+            outs.extend(t.join().unwrap_or_else(|e| std::panic::resume_unwind(e)));
         }
         outs
     });

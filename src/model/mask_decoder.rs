@@ -159,8 +159,8 @@ fn gelu_owned(mut x: Tensor) -> Tensor {
 fn pixels_to_masks(per_pixel: &Tensor, (h, w): (i64, i64)) -> Tensor {
     let (b, rows, k) = per_pixel.size3().expect("(B, 16HW, K)");
     let s = UPSCALE_STRIDE;
-    debug_assert_eq!(rows, h * w * s.pow(4));
-    if per_pixel.device() != Device::Cpu || per_pixel.kind() != Kind::Float || per_pixel.requires_grad() || b == 0 {
+    assert_eq!(rows, h * w * s.pow(4), "one row per output pixel");
+    if per_pixel.device() != Device::Cpu || per_pixel.kind() != Kind::Float || per_pixel.requires_grad() || per_pixel.numel() == 0 {
         return per_pixel.view(&[b, h, w, s, s, s, s, k][..]).permute([0, 7, 1, 3, 5, 2, 4, 6]).reshape([b, k, h * s * s, w * s * s]);
     }
     let n = per_pixel.numel();

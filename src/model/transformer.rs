@@ -65,14 +65,14 @@ impl Attention {
     /// h heads, a product with the C-wide image tokens costs h * n per token instead of the
     /// projection's internal width (16 tokens for SAM's decoder).
     fn few_tokens(&self, n: i64) -> bool {
-        n * self.num_heads < self.q_proj.ws.size()[0]
+        n > 0 && n * self.num_heads < self.q_proj.ws.size()[0]
     }
 
     /// Prompt tokens q (B, N, C) attending to image tokens k, v (B or 1, HW, C), unprojected.
     /// Same result as [`Self::forward`], but for few tokens the image tokens are never projected:
     /// per head, q_h (x W_k,h)^T = (q_h W_k,h) x^T, the key bias only shifts each query's scores
-    /// (softmax ignores it), and p (x W_v,h^T + b_v,h) = (p x) W_v,h^T + b_v,h since p's rows sum
-    /// to one. That halves the work of SAM's token-to-image attentions. The scores stay laid out
+    /// (softmax ignores it), and p (x W_v,h^T + b_v,h) = (p x) W_v,h^T + b_v,h since each query's
+    /// probabilities sum to one. That halves the work of SAM's token-to-image attentions. The scores stay laid out
     /// (B, HW, hN), as the product gives them, with the softmax over HW: transposing them to
     /// (B, hN, HW) first cost a copy.
     fn tokens_to_image(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
@@ -329,6 +329,54 @@ mod tests {
             }
         });
         a
+    }
+
+    /// Training runs the folded paths under autograd: the same gradients as the plain attention
+    /// for the inputs, the broadcast residual and the weights and biases the folds move around.
+    #[test]
+    fn folded_projections_carry_the_same_gradients() {
+        tch::manual_seed(3);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let a = attention(&vs);
+        let opts = (Kind::Float, Device::Cpu);
+        let (image, tokens, residual) = (Tensor::randn([1, 300, 256], opts), Tensor::randn([2, 7, 256], opts), Tensor::randn([1, 300, 256], opts));
+        let weights = (Tensor::randn([2, 300, 256], opts), Tensor::randn([2, 7, 256], opts));
+        let grads = |folded: bool| -> Vec<Tensor> {
+            for (_, mut v) in vs.variables() {
+                v.zero_grad();
+            }
+            let leaf = |t: &Tensor| t.copy().set_requires_grad(true);
+            let (img, tok, res) = (leaf(&image), leaf(&tokens), leaf(&residual));
+            let (i2t, t2i) = if folded {
+                (a.image_to_tokens(ImageQueries::Raw(&img), &tok, &tok, &res), a.tokens_to_image(&tok, &img, &img))
+            } else {
+                (&res + a.forward(&img, &tok, &tok), a.forward(&tok, &img, &img))
+            };
+            ((i2t * &weights.0).sum(Kind::Float) + (t2i * &weights.1).sum(Kind::Float)).backward();
+            let bias = |l: &nn::Linear| l.bs.as_ref().expect("bias").grad();
+            // Copies: zeroing the next run's gradients works in place.
+            [
+                img.grad(),
+                tok.grad(),
+                res.grad(),
+                a.q_proj.ws.grad(),
+                bias(&a.q_proj),
+                a.k_proj.ws.grad(),
+                a.v_proj.ws.grad(),
+                bias(&a.v_proj),
+                bias(&a.out_proj),
+            ]
+            .iter()
+            .map(Tensor::copy)
+            .collect()
+        };
+        let plain = grads(false);
+        let folded = grads(true);
+        for (i, (p, f)) in plain.iter().zip(&folded).enumerate() {
+            let diff = (p - f).abs().max().double_value(&[]);
+            let scale = p.abs().max().double_value(&[]).max(1.0);
+            assert!(diff <= 1e-4 * scale, "gradient {i}: max abs diff {diff} (scale {scale})");
+        }
     }
 
     #[test]
