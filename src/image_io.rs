@@ -16,6 +16,16 @@ pub fn decode_rgb(bytes: &[u8], field: &str, max_pixels: u64) -> Result<RgbImage
 
 /// Decodes an image as [`decode_rgb`] does, keeping its pixel type (masks are read with it).
 pub fn decode_oriented(bytes: &[u8], field: &str, max_pixels: u64) -> Result<DynamicImage> {
+    guarded(field, || decode_unguarded(bytes, field, max_pixels))
+}
+
+/// A decoder that panics on crafted bytes fails that image, not the thread decoding it: a model's
+/// thread counts the requests that panic, and a few in a row mark the model failed for everyone.
+fn guarded<T>(field: &str, decode: impl FnOnce() -> Result<T> + std::panic::UnwindSafe) -> Result<T> {
+    std::panic::catch_unwind(decode).unwrap_or_else(|_| Err(invalid(field, "the image decoder failed on these bytes (a corrupt or malformed image)")))
+}
+
+fn decode_unguarded(bytes: &[u8], field: &str, max_pixels: u64) -> Result<DynamicImage> {
     let (format, w, h) = header(bytes, field, max_pixels)?;
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
     let mut limits = image::Limits::default();
@@ -40,6 +50,10 @@ pub fn decode_oriented(bytes: &[u8], field: &str, max_pixels: u64) -> Result<Dyn
 /// (width, height) of the image as [`decode_rgb`] returns it (its header's, swapped when its
 /// EXIF orientation turns it a quarter), with the same checks, without decoding the pixels.
 pub fn oriented_size(bytes: &[u8], field: &str, max_pixels: u64) -> Result<(u32, u32)> {
+    guarded(field, || oriented_size_unguarded(bytes, field, max_pixels))
+}
+
+fn oriented_size_unguarded(bytes: &[u8], field: &str, max_pixels: u64) -> Result<(u32, u32)> {
     let (format, w, h) = header(bytes, field, max_pixels)?;
     let orientation = ImageReader::with_format(Cursor::new(bytes), format)
         .into_decoder()

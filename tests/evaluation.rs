@@ -5,7 +5,10 @@
 mod common;
 use common::{channel, start, tiny_settings};
 use skinsam::engine::pick_route;
-use skinsam::grpc::pb::{self, evaluation_service_client::EvaluationServiceClient, segmentation_service_client::SegmentationServiceClient};
+use skinsam::grpc::pb::{
+    self, embedding_service_client::EmbeddingServiceClient, evaluation_service_client::EvaluationServiceClient,
+    segmentation_service_client::SegmentationServiceClient,
+};
 use skinsam::settings::{AliasRoute, AliasSettings, ModelSettings, Settings};
 use std::path::Path;
 use std::time::Duration;
@@ -365,6 +368,8 @@ async fn alias_serves_segment_requests_through_its_routes() {
         ..Default::default()
     };
     let mut seen = std::collections::HashSet::new();
+    let mut images = Vec::new();
+    let mut e = EmbeddingServiceClient::new(channel(&s).await);
     for k in 0..12u8 {
         let mut img = image::RgbImage::from_pixel(64, 48, image::Rgb([k, 90, 80]));
         img.put_pixel(1, 1, image::Rgb([200, k, 3]));
@@ -372,12 +377,22 @@ async fn alias_serves_segment_requests_through_its_routes() {
         img.write_to(&mut png, image::ImageFormat::Png).unwrap();
         let png = png.into_inner();
         let h1 = c.segment(seg(png.clone())).await.unwrap().into_inner().embedding_handle;
-        let h2 = c.segment(seg(png)).await.unwrap().into_inner().embedding_handle;
+        let h2 = c.segment(seg(png.clone())).await.unwrap().into_inner().embedding_handle;
         let model = h1.split_once('/').unwrap().0.to_owned();
         assert_eq!(h1, h2, "sticky per image");
+        // Embed through the alias picks the same model for the same image.
+        let embedded = e.embed(pb::EmbedRequest { model_id: "lesion".into(), image: png.clone(), ..Default::default() }).await.unwrap().into_inner();
+        assert_eq!(embedded.embedding_handle, h1, "Embed and Segment route an image alike");
         seen.insert(model);
+        images.push(png);
     }
     assert_eq!(seen.len(), 2, "both routes used: {seen:?}");
+    // With one route's model unloaded, its images go to the other instead of failing.
+    s.registry.unload("tiny-b").unwrap();
+    for png in &images {
+        let h = c.segment(seg(png.clone())).await.unwrap().into_inner().embedding_handle;
+        assert!(h.starts_with("tiny-random/"), "{h}");
+    }
     // A model loaded under the alias's name would never be reached: refused.
     let mut ms = s.registry.settings().models[0].clone();
     ms.id = "lesion".into();

@@ -444,11 +444,42 @@ async fn half_configured_tls_is_refused() {
 }
 
 #[tokio::test]
+async fn an_overlong_request_id_is_refused_by_name() {
+    let s = start(tiny_settings(), true).await;
+    let ch = channel(&s).await;
+    let long = "x".repeat(skinsam::grpc::convert::MAX_REQUEST_ID_BYTES + 1);
+    let mut emb = EmbeddingServiceClient::new(ch.clone());
+    let e = emb
+        .embed(pb::EmbedRequest { model_id: "tiny-random".into(), image: image(), request_id: long.clone(), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().starts_with("request_id:"), "{}", e.message());
+    let mut seg = SegmentationServiceClient::new(ch);
+    let e = seg
+        .segment(pb::SegmentRequest { request_id: long, ..seg_req(pb::segment_request::Source::Image(image()), 1) })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().starts_with("request_id:"), "{}", e.message());
+    // At the limit it is echoed back.
+    let id = "y".repeat(skinsam::grpc::convert::MAX_REQUEST_ID_BYTES);
+    let r = emb.embed(pb::EmbedRequest { model_id: "tiny-random".into(), image: image(), request_id: id.clone(), ..Default::default() }).await.unwrap();
+    assert_eq!(r.into_inner().request_id, id);
+}
+
+#[tokio::test]
 async fn shutdown_says_not_serving_and_closes_open_streams_after_the_grace_period() {
     let mut settings = tiny_settings();
-    settings.limits.shutdown_grace_ms = 300;
+    settings.limits.shutdown_grace_ms = 2000;
     let mut s = start(settings, true).await;
     let mut watch = HealthClient::new(channel(&s).await).watch(HealthCheckRequest { service: String::new() }).await.unwrap().into_inner();
+    // A segmentation stream open across the signal.
+    let (requests, rx) = tokio::sync::mpsc::channel(4);
+    let mut seg = SegmentationServiceClient::new(channel(&s).await);
+    let mut responses = seg.segment_stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    requests.send(seg_req(pb::segment_request::Source::Image(image()), 1)).await.unwrap();
+    assert_eq!(responses.message().await.unwrap().unwrap().masks.len(), 1);
     let mut status = watch.message().await.unwrap().unwrap().status;
     for _ in 0..50 {
         if status == ServingStatus::Serving as i32 {
@@ -467,6 +498,11 @@ async fn shutdown_says_not_serving_and_closes_open_streams_after_the_grace_perio
         }
     }
     assert!(told, "the watch saw NOT_SERVING");
+    // The open stream takes no more work: its next message ends it with UNAVAILABLE.
+    requests.send(seg_req(pb::segment_request::Source::Image(image()), 1)).await.unwrap();
+    let refused = responses.message().await.expect_err("refused after the signal");
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert!(refused.message().contains("shutting down"), "{}", refused.message());
     // The watch stays open (a health watch never ends by itself): the server closes it when the
     // grace period is over, and returns.
     let done = tokio::time::timeout(Duration::from_secs(10), server).await;

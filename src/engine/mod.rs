@@ -178,9 +178,11 @@ impl Registry {
 
     /// The server got its shutdown signal: training and evaluation runs end at their next step
     /// (a training run keeps its last saved epoch, to resume) instead of being cut off when the
-    /// grace period is over.
+    /// grace period is over, and streams at their next message. Subscribers are told, so that a
+    /// health update computed just before the signal is followed by one computed after it.
     pub fn begin_shutdown(&self) {
         self.inner.shutting_down.store(true, Ordering::SeqCst);
+        self.inner.changes.send_modify(|v| *v += 1);
     }
 
     pub fn shutting_down(&self) -> bool {
@@ -346,6 +348,9 @@ impl Registry {
     }
 
     pub async fn embed(&self, id: &str, image: Vec<u8>, format: EmbeddingFormat) -> Result<EmbedOutput> {
+        // Through an alias, the model Segment would pick for the same image: the handle then
+        // keeps later Segment calls on it.
+        let id = &self.route_key(id, &image);
         let (reply, rx) = oneshot::channel();
         self.send(id, Command::Embed { image, format, enqueued: Instant::now(), reply: Reply::new(reply) })?;
         rx.await.map_err(|_| stopped(id))?
@@ -384,20 +389,39 @@ impl Registry {
     /// The pick hashes the image (or the handle's key), so an image always goes to the same model;
     /// a handle made by one of the alias's models stays with that model.
     pub fn route(&self, id: &str, source: &Source) -> String {
-        let Some(alias) = self.inner.settings.aliases.iter().find(|a| a.name == id) else { return id.to_owned() };
-        let key: &[u8] = match source {
-            Source::Handle(h) => match h.split_once('/') {
-                Some((m, _)) if alias.routes.iter().any(|r| r.model == m) => {
-                    metrics::counter!(crate::metrics::ALIAS_ROUTED_TOTAL, "alias" => id.to_owned(), "model" => m.to_owned()).increment(1);
-                    return m.to_owned();
+        match source {
+            Source::Handle(h) => {
+                if let (Some(alias), Some((m, _))) = (self.alias(id), h.split_once('/')) {
+                    if alias.routes.iter().any(|r| r.model == m) {
+                        metrics::counter!(crate::metrics::ALIAS_ROUTED_TOTAL, "alias" => id.to_owned(), "model" => m.to_owned()).increment(1);
+                        return m.to_owned();
+                    }
                 }
-                _ => h.as_bytes(),
-            },
-            Source::Image(b) => b,
-        };
-        let model = pick_route(&alias.routes, key).to_owned();
+                self.route_key(id, h.as_bytes())
+            }
+            Source::Image(b) => self.route_key(id, b),
+        }
+    }
+
+    fn alias(&self, id: &str) -> Option<&crate::settings::AliasSettings> {
+        self.inner.settings.aliases.iter().find(|a| a.name == id)
+    }
+
+    /// [`Self::route`] by a key's hash, among the alias's models that serve now: an unloaded,
+    /// loading or failed one would turn its share of images into errors on every retry (the pick
+    /// is sticky). With none serving, among all, so that the error names one of them.
+    fn route_key(&self, id: &str, key: &[u8]) -> String {
+        let Some(alias) = self.alias(id) else { return id.to_owned() };
+        let serving: Vec<crate::settings::AliasRoute> = alias.routes.iter().filter(|r| self.serving(&r.model)).cloned().collect();
+        let routes = if serving.is_empty() { &alias.routes[..] } else { &serving[..] };
+        let model = pick_route(routes, key).to_owned();
         metrics::counter!(crate::metrics::ALIAS_ROUTED_TOTAL, "alias" => id.to_owned(), "model" => model.clone()).increment(1);
         model
+    }
+
+    /// Whether `id` is a model that takes requests now.
+    fn serving(&self, id: &str) -> bool {
+        self.inner.models.get(id).is_some_and(|e| e.info.state == ModelState::Ready && e.tx.is_some())
     }
 }
 

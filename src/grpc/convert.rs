@@ -103,10 +103,22 @@ pub fn mask_format(f: i32, field: &str) -> Result<(bool, bool)> {
 }
 
 /// A SegmentRequest's parts, checked: where the image comes from, the prompts, the mask encodings.
+/// Longest `request_id` echoed back: every response (each chunk of a streamed embedding too)
+/// repeats it, so an unbounded one could push responses over the message limit.
+pub const MAX_REQUEST_ID_BYTES: usize = 256;
+
+pub fn check_request_id(id: &str) -> Result<()> {
+    if id.len() > MAX_REQUEST_ID_BYTES {
+        return Err(invalid("request_id", format!("{} bytes, the limit is {MAX_REQUEST_ID_BYTES}", id.len())));
+    }
+    Ok(())
+}
+
 pub fn segment_request_from_pb(r: &pb::SegmentRequest) -> Result<(Source, Vec<Prompt>, MaskEncoding)> {
     if r.model_id.is_empty() {
         return Err(invalid("model_id", "is empty"));
     }
+    check_request_id(&r.request_id)?;
     let source = match &r.source {
         Some(pb::segment_request::Source::EmbeddingHandle(h)) => Source::Handle(h.clone()),
         Some(pb::segment_request::Source::Image(b)) => Source::Image(b.clone()),

@@ -1,6 +1,6 @@
 //! EmbeddingService: unary and bidirectional-stream image embedding.
 
-use super::convert::tensor_format_from_pb;
+use super::convert::{check_request_id, tensor_format_from_pb};
 use super::pb::{self, embedding_service_server::EmbeddingService};
 use super::{ordered_stream, to_status, Observe, ResponseStream};
 use crate::engine::{EmbedOutput, Registry};
@@ -11,7 +11,8 @@ pub struct Embedding {
     pub registry: Registry,
 }
 
-/// Room left in a message for the fields around an embedding chunk.
+/// Room left in a message for the fields around an embedding chunk (the request id, at most
+/// [`super::convert::MAX_REQUEST_ID_BYTES`], the handle, the shape).
 const CHUNK_OVERHEAD: usize = 64 * 1024;
 
 fn response(req_id: &str, o: &EmbedOutput) -> pb::EmbedResponse {
@@ -31,6 +32,7 @@ async fn run(registry: &Registry, r: pb::EmbedRequest) -> Result<EmbedOutput, St
     if r.model_id.is_empty() {
         return Err(to_status(invalid("model_id", "is empty")));
     }
+    check_request_id(&r.request_id).map_err(to_status)?;
     let format = tensor_format_from_pb(r.return_embedding, "return_embedding").map_err(to_status)?;
     registry.embed(&r.model_id, r.image, format).await.map_err(to_status)
 }
@@ -70,6 +72,10 @@ impl EmbeddingService for Embedding {
         Ok(Response::new(ordered_stream(req.into_inner(), move |r: pb::EmbedRequest, tx| {
             let registry = registry.clone();
             async move {
+                if registry.shutting_down() {
+                    let _ = tx.send(Err(super::shutting_down())).await;
+                    return false;
+                }
                 let obs = Observe::start("EmbedStream", &registry.metric_label(&r.model_id));
                 let req_id = r.request_id.clone();
                 let fmt = r.return_embedding;

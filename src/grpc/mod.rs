@@ -66,6 +66,12 @@ where
     Box::pin(ReceiverStream::new(rx))
 }
 
+/// What a stream's next message gets once the server has had its shutdown signal: the stream
+/// ends there, instead of taking work the grace period may cut off.
+pub fn shutting_down() -> Status {
+    Status::unavailable("the server is shutting down; send the rest of the stream to another replica")
+}
+
 /// The one mapping from engine errors to gRPC statuses. libtorch and internal failures keep
 /// their details in the logs.
 pub fn to_status(e: Error) -> Status {

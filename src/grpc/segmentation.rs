@@ -65,6 +65,10 @@ impl SegmentationService for Segmentation {
         Ok(Response::new(ordered_stream(req.into_inner(), move |r: pb::SegmentRequest, tx| {
             let registry = registry.clone();
             async move {
+                if registry.shutting_down() {
+                    let _ = tx.send(Err(super::shutting_down())).await;
+                    return false;
+                }
                 let obs = Observe::start("SegmentStream", &registry.metric_label(&r.model_id));
                 let res = run(&registry, r).await;
                 obs.finish(&res);
