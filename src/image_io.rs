@@ -75,6 +75,9 @@ fn header(bytes: &[u8], field: &str, max_pixels: u64) -> Result<(ImageFormat, u3
     let Some(format) = reader.format() else {
         return Err(invalid(field, "not a recognised image format (expected PNG, JPEG, TIFF, BMP or WebP)"));
     };
+    if !matches!(format, ImageFormat::Png | ImageFormat::Jpeg | ImageFormat::Tiff | ImageFormat::Bmp | ImageFormat::WebP) {
+        return Err(invalid(field, format!("{format:?} images are not supported (expected PNG, JPEG, TIFF, BMP or WebP)")));
+    }
     let (w, h) = ImageReader::with_format(Cursor::new(bytes), format)
         .into_dimensions()
         .map_err(|e| invalid(field, format!("corrupt {format:?} header: {e}")))?;

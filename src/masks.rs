@@ -35,6 +35,9 @@ pub fn to_rle(mask: &[u8], height: usize, width: usize) -> Vec<u32> {
 
 /// Inverse of [`to_rle`] (for clients and tests).
 pub fn from_rle(counts: &[u32], height: usize, width: usize) -> Vec<u8> {
+    if height == 0 || width == 0 {
+        return Vec::new();
+    }
     let mut mask = vec![0u8; height * width];
     let (mut i, mut v) = (0usize, 0u8);
     for &c in counts {

@@ -328,14 +328,20 @@ impl Predictor {
     }
 }
 
+/// The index of the highest score, the first of equal ones (as torch.argmax picks); 0 when empty.
+/// A NaN counts as the highest, as in torch.argmax (whatever its sign bit, which `total_cmp` reads).
+pub fn first_argmax(scores: &[f32]) -> usize {
+    let key = |v: f32| if v.is_nan() { f32::INFINITY } else { v };
+    scores
+        .iter()
+        .enumerate()
+        .max_by(|a, b| key(*a.1).total_cmp(&key(*b.1)).then(a.1.is_nan().cmp(&b.1.is_nan())).then(b.0.cmp(&a.0)))
+        .map_or(0, |(k, _)| k)
+}
+
 /// Checks a prompt and maps it to the model's input frame (`input_size`, the image resized from
 /// `original_size`); `low_res_side` is the side of the mask input. Coordinates outside the image
 /// are clipped to [0, width] x [0, height]; the returned flag says that it happened.
-/// The index of the highest score, the first of equal ones (as torch.argmax picks); 0 when empty.
-pub fn first_argmax(scores: &[f32]) -> usize {
-    scores.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0))).map_or(0, |(k, _)| k)
-}
-
 pub fn validate_prompt(p: &Prompt, field: &str, original_size: (i64, i64), input_size: (i64, i64), low_res_side: i64) -> Result<(Prompt, bool)> {
     let (oh, ow) = original_size;
     let (ih, iw) = input_size;
@@ -390,5 +396,9 @@ mod tests {
         assert_eq!(super::first_argmax(&[0.1, 0.7, 0.7, 0.2]), 1);
         assert_eq!(super::first_argmax(&[0.1, 0.2, 0.3]), 2);
         assert_eq!(super::first_argmax(&[]), 0);
+        // NaN is the highest, as in torch.argmax, whatever its sign bit.
+        assert_eq!(super::first_argmax(&[0.1, f32::NAN, 0.3]), 1);
+        assert_eq!(super::first_argmax(&[-f32::NAN, 0.5]), 0);
+        assert_eq!(super::first_argmax(&[f32::INFINITY, f32::NAN, f32::NAN]), 1);
     }
 }

@@ -27,6 +27,10 @@ fn empty_corrupt_and_truncated_images() {
 
     let (_, m) = field_of(decode_rgb(b"definitely not an image", "image", 1 << 30).unwrap_err());
     assert!(m.contains("not a recognised image format"), "{m}");
+    // A format the image crate recognises but this server does not decode: named as such.
+    let gif = b"GIF89a\x01\x00\x01\x00\x00\x00\x00;";
+    let (_, m) = field_of(decode_rgb(gif, "image", 1 << 30).unwrap_err());
+    assert!(m.contains("Gif images are not supported"), "{m}");
 
     let jpeg = common::fixture_bytes("ISIC_0024306.jpg");
     let (_, m) = field_of(decode_rgb(&jpeg[..jpeg.len() / 3], "image", 1 << 30).unwrap_err());
