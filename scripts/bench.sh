@@ -18,6 +18,9 @@ BOX=71,105,514,409
 POINT=289,255
 EMBED_REPEAT=${EMBED_REPEAT:-3}
 ROUNDS=${ROUNDS:-1}
+# CPU_PRODUCTS="auto" (default): how SkinSAM's large CPU products run (settings cpu_products);
+# "auto matmul conv" times each route in every round, for an A/B in one run.
+CPU_PRODUCTS=${CPU_PRODUCTS:-auto}
 RUN_ID=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 out=target/bench
 mkdir -p "$out"
@@ -42,8 +45,10 @@ for v in $VARIANTS; do
         --image $IMAGE --box $BOX --point $POINT --label official+malloc | tag "$r"
     fi
     for p in $PRECISIONS; do
-      "$BIN" bench --variant "$v" --checkpoint "$ckpt" --embed-repeat "$EMBED_REPEAT" --image $IMAGE --box $BOX --point $POINT \
-        --precision "$p" --device "$DEVICE" | tag "$r"
+      for route in $CPU_PRODUCTS; do
+        "$BIN" bench --variant "$v" --checkpoint "$ckpt" --embed-repeat "$EMBED_REPEAT" --image $IMAGE --box $BOX --point $POINT \
+          --precision "$p" --device "$DEVICE" --cpu-products "$route" | tag "$r"
+      done
     done
   done
   for p in $PRECISIONS; do

@@ -39,6 +39,9 @@ def main():
             agreement.append(l)
             continue
         label = l["impl"] if l["impl"] != "skinsam" else f"skinsam {l['precision']}"
+        if l["impl"] == "skinsam" and "cpu_products" in l:
+            cp = l["cpu_products"]
+            label += f" {cp['setting']}" + (f"={cp['route']}" if cp["setting"] == "auto" else "")
         timing[(l["variant"], label)][l["round"]] = l
     variants = sorted({v for v, _ in timing}, key=VARIANTS.index)
     print()

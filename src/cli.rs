@@ -14,6 +14,7 @@ pub fn serve(config: Option<&Path>) -> anyhow::Result<()> {
     if settings.threads > 0 {
         tch::set_num_threads(settings.threads);
     }
+    crate::model::common::set_cpu_products(settings.cpu_products);
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
         if !settings.metrics_addr.is_empty() {

@@ -151,6 +151,9 @@ enum Command {
         /// libtorch intra-op threads (0: libtorch's default, one per core).
         #[arg(long, default_value_t = 0)]
         threads: i32,
+        /// How large CPU products run: auto (timed), matmul or conv (settings `cpu_products`).
+        #[arg(long, default_value = "auto")]
+        cpu_products: skinsam::model::common::CpuProducts,
     },
     /// (Re)draw a training run's curve.png from its last.json (written every epoch anyway).
     TrainCurve { run_dir: PathBuf },
@@ -500,10 +503,14 @@ fn main() -> anyhow::Result<()> {
         _ => false,
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    // Logs on stderr: the client and benchmark subcommands print their results (JSON lines) on
+    // stdout, where a log line would break the parsers reading them.
+    // Colours only on a terminal: not as escape codes in log files and collectors.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     if json_logs {
-        tracing_subscriber::fmt().json().with_env_filter(filter).init();
+        tracing_subscriber::fmt().json().with_env_filter(filter).with_writer(std::io::stderr).init();
     } else {
-        tracing_subscriber::fmt().with_env_filter(filter).init();
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
     }
     match command {
         Command::Serve { config } => skinsam::cli::serve(config.as_deref())?,
@@ -585,7 +592,8 @@ fn main() -> anyhow::Result<()> {
                 out.display()
             );
         }
-        Command::Bench { variant, checkpoint, image, r#box, point, precision, device, embed_repeat, predict_repeat, threads } => {
+        Command::Bench { variant, checkpoint, image, r#box, point, precision, device, embed_repeat, predict_repeat, threads, cpu_products } => {
+            skinsam::model::common::set_cpu_products(cpu_products);
             if threads > 0 {
                 tch::set_num_threads(threads);
             }
@@ -599,6 +607,10 @@ fn main() -> anyhow::Result<()> {
                 embed_repeat,
                 predict_repeat,
             })?;
+            let mut r = serde_json::to_value(&r)?;
+            // The route the encoder's products took (timed on first use under "auto").
+            let conv = skinsam::model::common::products_as_conv(precision.kind());
+            r["cpu_products"] = serde_json::json!({ "setting": cpu_products, "route": if conv { "conv" } else { "matmul" } });
             println!("{}", serde_json::to_string(&r)?);
         }
         Command::Loadgen { model, image, r#box, point, concurrency, requests, prompts, embed_images, embed_concurrency, segment_new_images, client } => {

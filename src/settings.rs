@@ -153,6 +153,10 @@ pub struct Settings {
     pub default_device: String,
     /// libtorch intra-op threads per process (0: one per core).
     pub threads: i32,
+    /// How large CPU products run: "auto" (both ways timed once per process), "matmul" or "conv"
+    /// (see `model::common::CpuProducts`).
+    #[serde(default)]
+    pub cpu_products: crate::model::common::CpuProducts,
     /// "text" or "json".
     pub log_format: String,
     pub models: Vec<ModelSettings>,
@@ -178,6 +182,7 @@ grpc_addr = "127.0.0.1:50051"
 metrics_addr = "127.0.0.1:9090"
 default_device = "auto"
 threads = 0
+cpu_products = "auto"
 log_format = "text"
 
 # The project's own model, trained on HAM10000 with scripts/train_skinsam_tiny.sh (MODEL_CARD.md):
@@ -305,12 +310,14 @@ mod tests {
                 ("SKINSAM__LIMITS__QUEUE_DEPTH", "8"),
                 ("SKINSAM__EVAL__DATASET_ROOTS", "/a, /b"),
                 ("SKINSAM__THREADS", "2"),
+                ("SKINSAM__CPU_PRODUCTS", "conv"),
             ]),
         )
         .unwrap();
         assert_eq!(s.auth.token.as_deref(), Some("0123"));
         assert_eq!(s.auth.admin_token.as_deref(), Some("12345678901234567890"));
         assert_eq!((s.limits.queue_depth, s.threads), (8, 2));
+        assert_eq!(s.cpu_products, crate::model::common::CpuProducts::Conv);
         assert_eq!(s.eval.dataset_roots, [PathBuf::from("/a"), PathBuf::from("/b")]);
         assert_eq!(Settings::load_with_env(None, env(&[])).unwrap(), Settings::defaults());
     }
@@ -325,6 +332,7 @@ mod tests {
             (vec![("SKINSAM__CACHE__MAX_BYTES", "0")], "cache.max_bytes"),
             (vec![("SKINSAM__LOG_FORMAT", "JSON")], "log_format"),
             (vec![("SKINSAM__THREADS", "-1")], "threads"),
+            (vec![("SKINSAM__CPU_PRODUCTS", "fast")], "cpu_products"),
             (vec![("SKINSAM__LIMITS__QUEUE_DEPTH", "many")], "queue_depth"),
         ] {
             let e = Settings::load_with_env(None, env(&pairs)).unwrap_err().to_string();

@@ -1,9 +1,12 @@
 //! Small building blocks shared by the SAM modules (segment_anything/modeling/common.py).
 
 use tch::nn::{self, Module};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 
-/// Rows (tokens) from which a CPU fp32 or bf16 linear layer runs as a 1x1 convolution ([`linear_with`]).
+/// Rows (tokens) from which a CPU fp32 or bf16 linear layer may run as a 1x1 convolution ([`linear_with`]).
 const CONV_MIN_ROWS: i64 = 256;
 
 /// `x.apply(layer)`: a linear layer over the last axis of x.
@@ -12,25 +15,111 @@ pub fn linear(x: &Tensor, layer: &nn::Linear) -> Tensor {
 }
 
 /// x (.., K) times weight (N, K) transposed, plus bias (N). On the CPU in fp32 or bf16, for
-/// many rows, as a 1x1 convolution over the rows as channels-last pixels: libtorch sends fp32
-/// linear layers to MKL, whose sgemm took 160-200 GFLOP/s for SAM's shapes on the 2-core AMD
-/// EPYC build machine, and convolutions to oneDNN, which took 310-430 GFLOP/s for the same
-/// products (`scripts/bench_gemm_paths.py`; `benchmarks/gemm-paths-cpu-2026-12-02.jsonl`; on a
-/// later VM of the same family 190-220 against 160-200). In bf16 both go to oneDNN, the
-/// convolution 3-10% faster for the large shapes (`benchmarks/gemm-paths-cpu-2026-12-03.jsonl`).
-/// Same sums, in another order. Few rows (the decoder's tokens) stay linear.
+/// many rows, as a 1x1 convolution over the rows as channels-last pixels when
+/// [`products_as_conv`] says so. Same sums, in another order. Few rows (the decoder's tokens)
+/// stay matrix products.
 pub fn linear_with(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
+    let k = *x.size().last().expect("linear input has a last axis");
+    let rows = if k > 0 { x.numel() as i64 / k } else { 0 };
+    if x.device() != Device::Cpu || !matches!(x.kind(), Kind::Float | Kind::BFloat16) || rows < CONV_MIN_ROWS || !products_as_conv(x.kind()) {
+        return x.linear(weight, bias);
+    }
+    conv1x1(x, weight, bias)
+}
+
+/// [`linear_with`]'s convolution route, whatever the route setting.
+fn conv1x1(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
     let mut shape = x.size();
     let k = *shape.last().expect("linear input has a last axis");
     let rows = if k > 0 { x.numel() as i64 / k } else { 0 };
-    if x.device() != Device::Cpu || !matches!(x.kind(), Kind::Float | Kind::BFloat16) || rows < CONV_MIN_ROWS {
-        return x.linear(weight, bias);
-    }
     let n = weight.size()[0];
     let pixels = x.reshape([1, 1, rows, k]).permute([0, 3, 1, 2]);
     let out = pixels.conv2d(&weight.reshape([n, k, 1, 1]), bias, [1, 1], [0, 0], [1, 1], 1);
     *shape.last_mut().expect("checked above") = n;
     out.permute([0, 2, 3, 1]).reshape(shape)
+}
+
+/// How SAM's large CPU products run: as matrix products (libtorch sends fp32 ones to MKL, bf16
+/// ones to oneDNN's matmul) or as 1x1 convolutions (oneDNN). Which is faster depends on the CPU
+/// (`scripts/bench_gemm_paths.py`): on the 2-core AMD EPYC VMs the convolution (fp32: 310-430
+/// against MKL's 160-200 GFLOP/s; bf16 3-10% faster), on the Intel Xeon VM with AMX the matrix
+/// product for bf16 (about 2,500 against 1,700 GFLOP/s) and for fp32 about even
+/// (`benchmarks/gemm-paths-cpu-*.jsonl`). `Auto` times both on the first use of each kind.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CpuProducts {
+    #[default]
+    Auto,
+    Matmul,
+    Conv,
+}
+
+impl std::str::FromStr for CpuProducts {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "matmul" => Ok(Self::Matmul),
+            "conv" => Ok(Self::Conv),
+            _ => Err(format!("unknown CPU product route {s:?} (expected auto, matmul or conv)")),
+        }
+    }
+}
+
+static CPU_PRODUCTS: AtomicU8 = AtomicU8::new(CpuProducts::Auto as u8);
+/// `Auto`'s timed choice per kind (fp32, bf16): true for the convolution.
+static TIMED_CHOICE: [OnceLock<bool>; 2] = [OnceLock::new(), OnceLock::new()];
+
+/// Sets the route of large CPU products for the whole process (settings `cpu_products`).
+pub fn set_cpu_products(route: CpuProducts) {
+    CPU_PRODUCTS.store(route as u8, Ordering::Relaxed);
+}
+
+/// Whether large CPU products of `kind` (fp32 or bf16) run as 1x1 convolutions.
+pub fn products_as_conv(kind: Kind) -> bool {
+    match CPU_PRODUCTS.load(Ordering::Relaxed) {
+        r if r == CpuProducts::Matmul as u8 => false,
+        r if r == CpuProducts::Conv as u8 => true,
+        _ => *TIMED_CHOICE[usize::from(kind == Kind::BFloat16)].get_or_init(|| time_routes(kind)),
+    }
+}
+
+/// Times vit_b's MLP pair (2048 tokens, 768 -> 3072 -> 768: 19 GFLOP in all) both ways on the
+/// calling thread, alternately, best of three after a warm-up (oneDNN generates its kernels on
+/// first use; this VM's speed drifts by minutes, which alternating cancels). About 0.5 s in
+/// fp32 on 2 cores, once per process and kind.
+fn time_routes(kind: Kind) -> bool {
+    tch::no_grad(|| {
+        let opts = (kind, Device::Cpu);
+        let x = Tensor::randn([2048, 768], opts);
+        let (w1, b1) = (Tensor::randn([3072, 768], opts), Tensor::randn([3072], opts));
+        let (w2, b2) = (Tensor::randn([768, 3072], opts), Tensor::randn([768], opts));
+        let pass = |conv: bool| {
+            let t = Instant::now();
+            let _ = if conv {
+                conv1x1(&conv1x1(&x, &w1, Some(&b1)), &w2, Some(&b2))
+            } else {
+                x.linear(&w1, Some(&b1)).linear(&w2, Some(&b2))
+            };
+            t.elapsed()
+        };
+        pass(true);
+        pass(false);
+        let (mut conv, mut matmul) = (Duration::MAX, Duration::MAX);
+        for _ in 0..3 {
+            conv = conv.min(pass(true));
+            matmul = matmul.min(pass(false));
+        }
+        let as_conv = conv < matmul;
+        tracing::info!(
+            kind = ?kind,
+            conv_ms = conv.as_secs_f64() * 1e3,
+            matmul_ms = matmul.as_secs_f64() * 1e3,
+            route = if as_conv { "conv" } else { "matmul" },
+            "CPU product route timed"
+        );
+        as_conv
+    })
 }
 
 /// LayerNorm over the channel axis of an NCHW tensor (eps 1e-6, as in the official code).
@@ -141,6 +230,22 @@ impl Module for Mlp {
 mod tests {
     use super::*;
 
+    /// The route setting decides, and "auto" times both routes once and keeps its choice. Other
+    /// tests may run meanwhile: both routes give the same products, so they are not disturbed.
+    #[test]
+    fn the_product_route_follows_its_setting() {
+        set_cpu_products(CpuProducts::Conv);
+        assert!(products_as_conv(Kind::Float) && products_as_conv(Kind::BFloat16));
+        set_cpu_products(CpuProducts::Matmul);
+        assert!(!products_as_conv(Kind::Float) && !products_as_conv(Kind::BFloat16));
+        set_cpu_products(CpuProducts::Auto);
+        let timed = products_as_conv(Kind::BFloat16);
+        assert_eq!(TIMED_CHOICE[1].get(), Some(&timed));
+        assert_eq!(products_as_conv(Kind::BFloat16), timed);
+        assert_eq!("matmul".parse::<CpuProducts>(), Ok(CpuProducts::Matmul));
+        assert!("fast".parse::<CpuProducts>().unwrap_err().contains("auto, matmul or conv"));
+    }
+
     /// The 1x1-convolution route gives the linear layer's result, in the input's shape, for both
     /// kinds it takes, and the plain route is kept below the row threshold.
     #[test]
@@ -153,7 +258,7 @@ mod tests {
                 let w = Tensor::randn([24, 48], opts);
                 let b = Tensor::randn([24], opts);
                 let want = x.linear(&w, Some(&b)).to_kind(Kind::Float);
-                let got = linear_with(&x, &w, Some(&b));
+                let got = if shape.iter().product::<i64>() / 48 >= CONV_MIN_ROWS { conv1x1(&x, &w, Some(&b)) } else { linear_with(&x, &w, Some(&b)) };
                 assert_eq!(got.kind(), kind);
                 let mut out_shape = shape.clone();
                 *out_shape.last_mut().unwrap() = 24;

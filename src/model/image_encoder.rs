@@ -109,7 +109,7 @@ const QUERIES_PER_CHUNK: i64 = 256;
 ///
 /// q, k, v: (BH, N, C) with N = h * w; rel_h: (BH, h, w, h); rel_w: (BH, h, w, w).
 fn chunked_rel_pos_attention(q: &Tensor, k: &Tensor, v: &Tensor, rel_h: &Tensor, rel_w: &Tensor, scale: f64) -> Tensor {
-    if q.device() == Device::Cpu && q.kind() == Kind::Float {
+    if q.device() == Device::Cpu && q.kind() == Kind::Float && super::common::products_as_conv(Kind::Float) {
         return chunked_rel_pos_attention_transposed(q, k, v, rel_h, rel_w, scale);
     }
     let (_, h, w, _) = rel_h.size4().expect("rel_h is (BH, h, w, h)");
@@ -198,9 +198,9 @@ fn by_heads(q: &Tensor, k: &Tensor, v: &Tensor, rel_h: &Tensor, rel_w: &Tensor, 
     Tensor::stack(&outs.into_iter().map(|(_, t)| t).collect::<Vec<_>>(), 0)
 }
 
-/// [`chunked_rel_pos_attention`] for fp32 on the CPU, with both products as 1x1 convolutions
-/// (oneDNN) instead of matrix products (MKL, which on the AMD build machine ran at about half
-/// the speed; see [`super::common::linear_with`]). Each chunk's logits come out transposed,
+/// [`chunked_rel_pos_attention`] for fp32 on the CPU when products run as convolutions
+/// ([`super::common::products_as_conv`]), with both products as 1x1 convolutions (oneDNN)
+/// instead of matrix products (MKL, which on the AMD build machine ran at about half the speed). Each chunk's logits come out transposed,
 /// keys x queries: the keys are the convolution's pixels and the chunk's queries its filters.
 /// The bias is added and the softmax taken over the keys in that layout, and the transposed
 /// probabilities are the next convolution's input as they are (keys as channels). A vit_b head
