@@ -15,6 +15,16 @@ pub fn serve(config: Option<&Path>) -> anyhow::Result<()> {
         tch::set_num_threads(settings.threads);
     }
     crate::model::common::set_cpu_products(settings.cpu_products);
+    // Under "auto", time the product routes now, alone on the cores: the configured models load
+    // and warm up in parallel, and timing there would be skewed by the others (the choice is
+    // kept for the whole process).
+    for m in &settings.models {
+        let device = m.device.as_deref().unwrap_or(&settings.default_device);
+        if matches!(crate::device::parse_device(device), Ok(tch::Device::Cpu)) {
+            crate::model::common::products_as_conv(tch::Kind::Float);
+            crate::model::common::products_as_conv(m.precision.kind());
+        }
+    }
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
         if !settings.metrics_addr.is_empty() {

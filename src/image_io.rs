@@ -42,7 +42,7 @@ fn decode_unguarded(bytes: &[u8], field: &str, max_pixels: u64) -> Result<Dynami
     if decoder.total_bytes() > max_alloc {
         return Err(invalid(field, format!("image decodes to {} bytes, over the limit of {max_alloc}", decoder.total_bytes())));
     }
-    let jpeg = if format == ImageFormat::Jpeg { decode_jpeg(bytes, field) } else { None };
+    let jpeg = if format == ImageFormat::Jpeg { decode_jpeg(bytes, field, (w, h)) } else { None };
     let mut img = match jpeg {
         Some(img) => img?,
         None => DynamicImage::from_decoder(decoder).map_err(corrupt)?,
@@ -56,11 +56,18 @@ fn decode_unguarded(bytes: &[u8], field: &str, max_pixels: u64) -> Result<Dynami
 /// JPEG decoder rounds differently (up to 3 levels on about 10% of the values of a
 /// chroma-subsampled HAM10000 file). Grayscale stays one channel; YCbCr and RGB become RGB.
 /// None for the colour spaces Pillow converts differently (CMYK, YCCK): the image crate decodes
-/// those.
-fn decode_jpeg(bytes: &[u8], field: &str) -> Option<Result<DynamicImage>> {
+/// those. `checked` is the (width, height) that [`header`] read and checked against the pixel
+/// limit: libjpeg parses the header again, and crafted bytes can make the two parsers read
+/// different frames (a restart marker before the frame has no length for libjpeg and one for
+/// the image crate), so a frame of another size is refused before any pixel is allocated.
+fn decode_jpeg(bytes: &[u8], field: &str, checked: (u32, u32)) -> Option<Result<DynamicImage>> {
     use mozjpeg::{ColorSpace, Decompress, NO_MARKERS};
     let decode = || -> std::io::Result<Option<DynamicImage>> {
         let jpeg = Decompress::with_markers(NO_MARKERS).from_mem(bytes)?;
+        if (jpeg.width() as u64, jpeg.height() as u64) != (u64::from(checked.0), u64::from(checked.1)) {
+            let msg = format!("the frame header reads {}x{} to libjpeg but {}x{} to the header check", jpeg.width(), jpeg.height(), checked.0, checked.1);
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, msg));
+        }
         let gray = match jpeg.color_space() {
             ColorSpace::JCS_GRAYSCALE => true,
             ColorSpace::JCS_YCbCr | ColorSpace::JCS_RGB => false,
@@ -221,6 +228,48 @@ mod tests {
                 assert!(message.contains("corrupt or truncated JPEG image: libjpeg fatal error: Quantization table 0x03"), "{message}");
             }
             other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_jpeg_whose_frame_differs_from_the_checked_header_is_refused() {
+        // As if crafted bytes had shown the header check a smaller frame than libjpeg decodes.
+        let j = jpeg(40, 24);
+        assert!(decode_jpeg(&j, "image", (40, 24)).unwrap().is_ok());
+        let Some(Err(crate::Error::InvalidArgument { field, message })) = decode_jpeg(&j, "image", (16, 16)) else { panic!("not refused") };
+        assert_eq!(field, "image");
+        assert!(message.contains("reads 40x24 to libjpeg but 16x16"), "{message}");
+    }
+
+    /// Bytes crafted so that the header check and libjpeg read different frames: a restart
+    /// marker right after SOI has a length for the image crate (which then skips to a 16x16
+    /// frame hidden in a comment) and none for libjpeg (which reads a 4000x4000 frame). Without
+    /// the size check in `decode_jpeg` this decoded 16 M pixels past a 65,536-pixel limit.
+    #[test]
+    fn a_jpeg_crafted_to_show_the_header_check_a_smaller_frame_is_refused() {
+        let small = jpeg(16, 16);
+        let sof = small.windows(2).position(|w| w == [0xFF, 0xC0]).unwrap();
+        let sof_len = usize::from(u16::from_be_bytes([small[sof + 2], small[sof + 3]])) + 2;
+        let hidden = &small[sof..sof + sof_len];
+        let mut big = hidden.to_vec();
+        big[5..9].copy_from_slice(&[0x0F, 0xA0, 0x0F, 0xA0]); // height, width 4000
+        let mut j = vec![0xFF, 0xD8, 0xFF, 0xD0];
+        j.extend(&big);
+        // The image crate reads FF C0 as the restart marker's length: it resumes 0xFFC0 bytes
+        // after the length's first byte (index 4), where the hidden frame starts.
+        let resume = 4 + 0xFFC0;
+        let com_data = resume + hidden.len() - (j.len() + 4);
+        j.extend([0xFF, 0xFE]);
+        j.extend(((com_data + 2) as u16).to_be_bytes());
+        j.resize(resume, 0);
+        j.extend(hidden);
+        j.extend(&small[2..sof]); // the tables before the frame (APP0, DQT)
+        j.extend(&small[sof + sof_len..]); // the rest: tables, scan, EOI
+        let limit = 1 << 16;
+        assert_eq!(oriented_size(&j, "image", limit).unwrap(), (16, 16), "the header check sees the small frame");
+        match decode_rgb(&j, "image", limit) {
+            Err(crate::Error::InvalidArgument { message, .. }) => assert!(message.contains("4000x4000 to libjpeg but 16x16"), "{message}"),
+            other => panic!("not refused: {:?}", other.map(|i| i.dimensions())),
         }
     }
 

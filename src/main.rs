@@ -608,9 +608,10 @@ fn main() -> anyhow::Result<()> {
                 predict_repeat,
             })?;
             let mut r = serde_json::to_value(&r)?;
-            // The route the encoder's products took (timed on first use under "auto").
-            let conv = skinsam::model::common::products_as_conv(precision.kind());
-            r["cpu_products"] = serde_json::json!({ "setting": cpu_products, "route": if conv { "conv" } else { "matmul" } });
+            // The route the encoder's products took (timed on first use under "auto"); null when
+            // none was chosen (another device, fp16).
+            let route = if r["device"] == "cpu" { skinsam::model::common::route_taken(precision.kind()) } else { None };
+            r["cpu_products"] = serde_json::json!({ "setting": cpu_products, "route": route });
             println!("{}", serde_json::to_string(&r)?);
         }
         Command::Loadgen { model, image, r#box, point, concurrency, requests, prompts, embed_images, embed_concurrency, segment_new_images, client } => {

@@ -75,13 +75,30 @@ pub fn set_cpu_products(route: CpuProducts) {
     CPU_PRODUCTS.store(route as u8, Ordering::Relaxed);
 }
 
-/// Whether large CPU products of `kind` (fp32 or bf16) run as 1x1 convolutions.
+/// Whether large CPU products of `kind` run as 1x1 convolutions (only fp32 and bf16 may).
 pub fn products_as_conv(kind: Kind) -> bool {
+    if !matches!(kind, Kind::Float | Kind::BFloat16) {
+        return false;
+    }
     match CPU_PRODUCTS.load(Ordering::Relaxed) {
         r if r == CpuProducts::Matmul as u8 => false,
         r if r == CpuProducts::Conv as u8 => true,
         _ => *TIMED_CHOICE[usize::from(kind == Kind::BFloat16)].get_or_init(|| time_routes(kind)),
     }
+}
+
+/// The route CPU products of `kind` have taken so far ("conv" or "matmul"), without timing:
+/// None for kinds without a route choice, or under `Auto` before the first large product.
+pub fn route_taken(kind: Kind) -> Option<&'static str> {
+    if !matches!(kind, Kind::Float | Kind::BFloat16) {
+        return None;
+    }
+    let conv = match CPU_PRODUCTS.load(Ordering::Relaxed) {
+        r if r == CpuProducts::Matmul as u8 => false,
+        r if r == CpuProducts::Conv as u8 => true,
+        _ => *TIMED_CHOICE[usize::from(kind == Kind::BFloat16)].get()?,
+    };
+    Some(if conv { "conv" } else { "matmul" })
 }
 
 /// Times vit_b's MLP pair (2048 tokens, 768 -> 3072 -> 768: 19 GFLOP in all) both ways on the
@@ -242,6 +259,10 @@ mod tests {
         let timed = products_as_conv(Kind::BFloat16);
         assert_eq!(TIMED_CHOICE[1].get(), Some(&timed));
         assert_eq!(products_as_conv(Kind::BFloat16), timed);
+        assert_eq!(route_taken(Kind::BFloat16), Some(if timed { "conv" } else { "matmul" }));
+        // fp16 has no convolution route and is never timed.
+        assert!(!products_as_conv(Kind::Half));
+        assert_eq!(route_taken(Kind::Half), None);
         assert_eq!("matmul".parse::<CpuProducts>(), Ok(CpuProducts::Matmul));
         assert!("fast".parse::<CpuProducts>().unwrap_err().contains("auto, matmul or conv"));
     }
