@@ -21,7 +21,7 @@ pub fn linear(x: &Tensor, layer: &nn::Linear) -> Tensor {
 pub fn linear_with(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
     let k = *x.size().last().expect("linear input has a last axis");
     let rows = if k > 0 { x.numel() as i64 / k } else { 0 };
-    if x.device() != Device::Cpu || !matches!(x.kind(), Kind::Float | Kind::BFloat16) || rows < CONV_MIN_ROWS || !products_as_conv(x.kind()) {
+    if x.device() != Device::Cpu || rows < CONV_MIN_ROWS || !products_as_conv(x.kind()) {
         return x.linear(weight, bias);
     }
     conv1x1(x, weight, bias)
@@ -75,28 +75,41 @@ pub fn set_cpu_products(route: CpuProducts) {
     CPU_PRODUCTS.store(route as u8, Ordering::Relaxed);
 }
 
+/// Where the route for `kind` comes from: a fixed setting (true for the convolution), or
+/// `Auto`'s timed choice for that kind. None for kinds without a route (only fp32 and bf16 have one).
+enum Route {
+    Fixed(bool),
+    Timed(&'static OnceLock<bool>),
+}
+
+fn route(kind: Kind) -> Option<Route> {
+    let slot = match kind {
+        Kind::Float => 0,
+        Kind::BFloat16 => 1,
+        _ => return None,
+    };
+    Some(match CPU_PRODUCTS.load(Ordering::Relaxed) {
+        r if r == CpuProducts::Matmul as u8 => Route::Fixed(false),
+        r if r == CpuProducts::Conv as u8 => Route::Fixed(true),
+        _ => Route::Timed(&TIMED_CHOICE[slot]),
+    })
+}
+
 /// Whether large CPU products of `kind` run as 1x1 convolutions (only fp32 and bf16 may).
 pub fn products_as_conv(kind: Kind) -> bool {
-    if !matches!(kind, Kind::Float | Kind::BFloat16) {
-        return false;
-    }
-    match CPU_PRODUCTS.load(Ordering::Relaxed) {
-        r if r == CpuProducts::Matmul as u8 => false,
-        r if r == CpuProducts::Conv as u8 => true,
-        _ => *TIMED_CHOICE[usize::from(kind == Kind::BFloat16)].get_or_init(|| time_routes(kind)),
+    match route(kind) {
+        None => false,
+        Some(Route::Fixed(conv)) => conv,
+        Some(Route::Timed(choice)) => *choice.get_or_init(|| time_routes(kind)),
     }
 }
 
 /// The route CPU products of `kind` have taken so far ("conv" or "matmul"), without timing:
 /// None for kinds without a route choice, or under `Auto` before the first large product.
 pub fn route_taken(kind: Kind) -> Option<&'static str> {
-    if !matches!(kind, Kind::Float | Kind::BFloat16) {
-        return None;
-    }
-    let conv = match CPU_PRODUCTS.load(Ordering::Relaxed) {
-        r if r == CpuProducts::Matmul as u8 => false,
-        r if r == CpuProducts::Conv as u8 => true,
-        _ => *TIMED_CHOICE[usize::from(kind == Kind::BFloat16)].get()?,
+    let conv = match route(kind)? {
+        Route::Fixed(conv) => conv,
+        Route::Timed(choice) => *choice.get()?,
     };
     Some(if conv { "conv" } else { "matmul" })
 }

@@ -200,8 +200,8 @@ fn by_heads(q: &Tensor, k: &Tensor, v: &Tensor, rel_h: &Tensor, rel_w: &Tensor, 
 
 /// [`chunked_rel_pos_attention`] for fp32 on the CPU when products run as convolutions
 /// ([`super::common::products_as_conv`]), with both products as 1x1 convolutions (oneDNN)
-/// instead of matrix products (MKL, which on the AMD build machine ran at about half the speed). Each chunk's logits come out transposed,
-/// keys x queries: the keys are the convolution's pixels and the chunk's queries its filters.
+/// instead of matrix products (MKL, which on the AMD build machine ran at about half the
+/// speed). Each chunk's logits come out transposed, keys x queries: the keys are the convolution's pixels and the chunk's queries its filters.
 /// The bias is added and the softmax taken over the keys in that layout, and the transposed
 /// probabilities are the next convolution's input as they are (keys as channels). A vit_b head
 /// chunk took 1.31 ms this way against 1.76 ms.
