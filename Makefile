@@ -2,7 +2,7 @@
 # Both first install libtorch (PyPI wheel torch==2.13.0) into .venv when missing.
 SHELL := /bin/bash
 
-.PHONY: env serve test bench parity-vit-b loadgen helm-check fuzz
+.PHONY: env serve test bench parity-vit-b loadgen loadgen-decoders helm-check fuzz
 
 env:
 	@scripts/setup-env.sh
@@ -29,6 +29,10 @@ bench: env
 # Serving latency and throughput through gRPC vs in-process (see BENCHMARKS.md).
 loadgen: env
 	scripts/loadgen.sh
+
+# Decoder threads side by side: servers with decoders = 0 and 2, alternating (see BENCHMARKS.md).
+loadgen-decoders: env
+	scripts/loadgen_decoders.sh
 
 # Full-size vit_b parity with the official predictor (random weights), by hand: about 3 minutes.
 parity-vit-b: env

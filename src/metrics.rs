@@ -24,7 +24,7 @@ const LATENCY_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 
 
 pub fn describe() {
     describe_histogram!(REQUEST_SECONDS, Unit::Seconds, "gRPC request latency by rpc and model");
-    describe_histogram!(STAGE_SECONDS, Unit::Seconds, "Time per stage: decode, encode, prompt_decode, postprocess, encode_mask (PNG/RLE)");
+    describe_histogram!(STAGE_SECONDS, Unit::Seconds, "Time per stage: decode, encode, prompt_decode, postprocess, encode_mask (PNG/RLE), decoder_wait (for a decoder thread)");
     describe_histogram!(QUEUE_SECONDS, Unit::Seconds, "Time a command waited for its model's worker");
     describe_counter!(REQUESTS_TOTAL, "gRPC requests by rpc and status code");
     describe_gauge!(IN_FLIGHT, "Requests being handled, by rpc");

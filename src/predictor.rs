@@ -3,7 +3,7 @@
 
 use crate::error::{invalid, Result};
 use crate::model::prompt_encoder::{LABEL_BACKGROUND, LABEL_FOREGROUND, LABEL_PADDING};
-use crate::model::{ImageProjections, PromptBatch, Sam, MASK_THRESHOLD};
+use crate::model::{DecoderParts, ImageProjections, PromptBatch, Sam, MASK_THRESHOLD};
 use crate::postprocess::MaskResampler;
 use image::RgbImage;
 use std::collections::BTreeMap;
@@ -208,17 +208,26 @@ impl Predictor {
             .collect())
     }
 
-    fn validate(&self, p: &Prompt, field: &str, emb: &ImageEmbedding) -> Result<(Prompt, bool)> {
-        validate_prompt(p, field, emb.original_size, emb.input_size, self.sam.config.low_res_size())
-    }
-
     /// Decodes prompts against one embedding. Prompts of the same shape share one decoder pass;
     /// results come back in the order given.
     pub fn predict(&self, emb: &ImageEmbedding, prompts: &[Prompt], multimask_output: bool) -> Result<Vec<Prediction>> {
-        self.predict_masks(emb, prompts, multimask_output, Masks::All)
+        self.sam.parts().predict_masks(emb, prompts, multimask_output, Masks::All)
     }
 
-    /// [`Self::predict`], post-processing all candidates or only the best (`masks` is then (1, H, W)).
+    /// [`DecoderParts::predict_masks`] with this model's decoder.
+    pub fn predict_masks(&self, emb: &ImageEmbedding, prompts: &[Prompt], multimask_output: bool, which: Masks) -> Result<Vec<Prediction>> {
+        self.sam.parts().predict_masks(emb, prompts, multimask_output, which)
+    }
+}
+
+impl DecoderParts<'_> {
+    fn validate(&self, p: &Prompt, field: &str, emb: &ImageEmbedding) -> Result<(Prompt, bool)> {
+        validate_prompt(p, field, emb.original_size, emb.input_size, self.config.low_res_size())
+    }
+
+    /// Decodes prompts against one embedding ([`Predictor::predict`]), post-processing all
+    /// candidates or only the best (`masks` is then (1, H, W)). Prompts of the same shape share
+    /// one decoder pass; results come back in the order given.
     pub fn predict_masks(&self, emb: &ImageEmbedding, prompts: &[Prompt], multimask_output: bool, which: Masks) -> Result<Vec<Prediction>> {
         let mut checked = Vec::with_capacity(prompts.len());
         for (i, p) in prompts.iter().enumerate() {
@@ -255,7 +264,7 @@ impl Predictor {
             let p = one.into_iter().next().expect("one prompt decoded");
             return Ok(batch.iter().map(|_| p.shallow_clone()).collect());
         }
-        let dev = self.device();
+        let dev = emb.features.device();
         let b = batch.len() as i64;
         let (coords, labels) = if n_points > 0 {
             let c: Vec<f32> = batch.iter().flat_map(|p| p.points.iter().flat_map(|q| [q.x, q.y])).collect();
@@ -271,7 +280,7 @@ impl Predictor {
             let v: Vec<f32> = batch.iter().flat_map(|p| p.bbox.expect("grouped by box")).collect();
             Tensor::from_slice(&v).view([b, 4]).to_device(dev)
         });
-        let side = self.sam.config.low_res_size();
+        let side = self.config.low_res_size();
         let masks = has_mask.then(|| {
             let v: Vec<f32> = batch.iter().flat_map(|p| p.mask_input.as_deref().expect("grouped by mask").iter().copied()).collect();
             Tensor::from_slice(&v).view([b, 1, side, side]).to_device(dev)
@@ -281,7 +290,7 @@ impl Predictor {
             boxes: boxes.as_ref(),
             masks: masks.as_ref(),
         };
-        let (low_res, iou) = self.sam.decode_with(&emb.features, emb.prefix.as_ref(), &prompts, multimask_output);
+        let (low_res, iou) = self.decode_with(&emb.features, emb.prefix.as_ref(), &prompts, multimask_output);
         let iou = iou.to_device(Device::Cpu).to_kind(Kind::Float);
         let low_res_cpu = low_res.to_device(Device::Cpu).to_kind(Kind::Float);
         let low = low_res.size()[3];
@@ -289,7 +298,7 @@ impl Predictor {
         // on an accelerator the two upsample_bilinear2d calls run where the logits are.
         let resampler = (dev == Device::Cpu).then(|| {
             let size = |(h, w): (i64, i64)| (h as usize, w as usize);
-            MaskResampler::new(low as usize, self.sam.config.img_size as usize, size(emb.input_size), size(emb.original_size))
+            MaskResampler::new(low as usize, self.config.img_size as usize, size(emb.input_size), size(emb.original_size))
         });
         let mut out = Vec::with_capacity(batch.len());
         for i in 0..b {
@@ -312,7 +321,7 @@ impl Predictor {
                 None => {
                     // One prompt at a time: a 1024x1024 intermediate per mask is large in big batches.
                     let logits = low_res.narrow(0, i, 1).narrow(1, first, count);
-                    let logits = self.sam.postprocess_masks(&logits, emb.input_size, emb.original_size);
+                    let logits = self.postprocess_masks(&logits, emb.input_size, emb.original_size);
                     logits.gt(MASK_THRESHOLD).squeeze_dim(0).to_device(Device::Cpu)
                 }
             };

@@ -18,6 +18,10 @@ pub struct ModelSettings {
     pub device: Option<String>,
     #[serde(default = "default_precision")]
     pub precision: Precision,
+    /// Decoder threads beside the model's thread (0: that thread decodes); absent: the server's
+    /// `decoders`.
+    #[serde(default)]
+    pub decoders: Option<usize>,
 }
 
 fn default_precision() -> Precision {
@@ -38,7 +42,7 @@ pub struct LimitSettings {
     pub max_message_bytes: usize,
     /// Largest image (width x height) decoded; checked from the header before decoding.
     pub max_image_pixels: u64,
-    /// Commands queued per model before RESOURCE_EXHAUSTED.
+    /// Requests in flight per model (queued, or being served) before RESOURCE_EXHAUSTED.
     pub queue_depth: usize,
     /// Prompts in one Segment request.
     pub max_prompts: usize,
@@ -153,6 +157,10 @@ pub struct Settings {
     pub default_device: String,
     /// libtorch intra-op threads per process (0: one per core).
     pub threads: i32,
+    /// Decoder threads per model, each decoding one request at a time on one intra-op thread,
+    /// while the model's own thread finds or makes embeddings; 0: the model's thread decodes
+    /// too (BENCHMARKS.md, Serving, "decoder threads"). A model's own `decoders` overrides it.
+    pub decoders: usize,
     /// How large CPU products run: "auto" (both ways timed once per process), "matmul" or "conv"
     /// (see `model::common::CpuProducts`).
     #[serde(default)]
@@ -182,6 +190,7 @@ grpc_addr = "127.0.0.1:50051"
 metrics_addr = "127.0.0.1:9090"
 default_device = "auto"
 threads = 0
+decoders = 2
 cpu_products = "auto"
 log_format = "text"
 
@@ -253,6 +262,13 @@ impl Settings {
         ] {
             if v == 0 {
                 return Err(format!("{field}: must be > 0"));
+            }
+        }
+        for (field, n) in std::iter::once(("decoders".to_owned(), self.decoders))
+            .chain(self.models.iter().filter_map(|m| m.decoders.map(|n| (format!("models[{}].decoders", m.id), n))))
+        {
+            if n > crate::engine::MAX_DECODERS {
+                return Err(format!("{field}: {n} decoder threads, the limit is {}", crate::engine::MAX_DECODERS));
             }
         }
         if self.threads < 0 {
@@ -334,6 +350,7 @@ mod tests {
             (vec![("SKINSAM__THREADS", "-1")], "threads"),
             (vec![("SKINSAM__CPU_PRODUCTS", "fast")], "cpu_products"),
             (vec![("SKINSAM__LIMITS__QUEUE_DEPTH", "many")], "queue_depth"),
+            (vec![("SKINSAM__DECODERS", "1000")], "decoders"),
         ] {
             let e = Settings::load_with_env(None, env(&pairs)).unwrap_err().to_string();
             assert!(e.contains(needle), "{needle:?} in {e:?}");
@@ -344,6 +361,7 @@ mod tests {
             ("[[aliases]]\nname = \"ab\"\nroutes = []\n", "aliases[0].routes"),
             ("[[aliases]]\nname = \"skinsam-tiny\"\nroutes = [{ model = \"skinsam-tiny\", weight = 1 }]\n", "aliases[0].name"),
             ("[limit]\nqueue_depth = 1\n", "limit"),
+            ("[[models]]\nid = \"m\"\nvariant = \"tiny\"\ndecoders = 65\n", "models[m].decoders"),
         ] {
             let f = dir.path().join("c.toml");
             std::fs::write(&f, toml).unwrap();

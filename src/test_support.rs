@@ -24,6 +24,7 @@ pub async fn registry_with_tiny_model(mut settings: Settings, id: &str) -> Regis
             checkpoint: Some("tests/fixtures/golden/sam_tiny.pth".into()),
             device: Some("cpu".into()),
             precision: Precision::Fp32,
+            decoders: None,
         })
         .unwrap();
     for _ in 0..600 {

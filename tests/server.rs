@@ -324,11 +324,18 @@ async fn health_follows_hot_load_and_unload() {
     let mut models = ModelServiceClient::new(ch.clone());
     let ckpt = common::tiny_checkpoint().display().to_string();
     let info = models
-        .load_model(pb::LoadModelRequest { id: "hot".into(), variant: pb::Variant::Tiny as i32, checkpoint: ckpt.clone(), device: "cpu".into(), ..Default::default() })
+        .load_model(pb::LoadModelRequest {
+            id: "hot".into(),
+            variant: pb::Variant::Tiny as i32,
+            checkpoint: ckpt.clone(),
+            device: "cpu".into(),
+            decoders: Some(1),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(info.state, pb::ModelState::Loading as i32);
+    assert_eq!((info.state, info.decoders), (pb::ModelState::Loading as i32, 1));
     let mut ready = None;
     for _ in 0..600 {
         let m = models.get_model(pb::GetModelRequest { id: "hot".into() }).await.unwrap().into_inner();
@@ -349,6 +356,9 @@ async fn health_follows_hot_load_and_unload() {
     assert_eq!(dup.err().unwrap().code(), Code::FailedPrecondition);
     let bad = models.load_model(pb::LoadModelRequest { id: "x".into(), variant: 0, ..Default::default() }).await;
     assert!(bad.err().unwrap().message().contains("variant"));
+    let bad = models.load_model(pb::LoadModelRequest { id: "x".into(), variant: pb::Variant::Tiny as i32, decoders: Some(1000), ..Default::default() }).await;
+    let bad = bad.err().unwrap();
+    assert!(bad.code() == Code::InvalidArgument && bad.message().contains("decoders"), "{bad:?}");
     let bad = models
         .load_model(pb::LoadModelRequest { id: "y".into(), variant: pb::Variant::Tiny as i32, checkpoint: "/no/such.pth".into(), ..Default::default() })
         .await;

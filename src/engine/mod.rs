@@ -1,5 +1,7 @@
 //! The engine: a registry of hosted models, each owned by one OS thread (tch tensors are Send
-//! but not Sync) fed through a bounded queue; handlers send commands with a oneshot reply.
+//! but not Sync) fed through a bounded queue; handlers send commands with a oneshot reply. That
+//! thread hands Segment prompts to the model's decoder threads, which hold handles of their own
+//! on the decoder's weights.
 
 pub mod cache;
 pub mod store;
@@ -38,6 +40,8 @@ pub struct ModelInfo {
     pub error: Option<String>,
     pub num_parameters: i64,
     pub image_size: i64,
+    /// Decoder threads beside the model's thread (0: that thread decodes).
+    pub decoders: usize,
 }
 
 /// Raw embedding wanted back with an embed request.
@@ -148,7 +152,17 @@ struct Entry {
     info: ModelInfo,
     generation: u64,
     tx: Option<mpsc::Sender<Command>>,
+    /// `limits.queue_depth` permits: one held by each request in flight (queued, or being
+    /// served) until its caller has the answer or goes away. A caller that goes away gives its
+    /// permit back at once, though its command waits in the channel until the model's thread
+    /// skips it: a client cancelling takes no room from live ones.
+    permits: Arc<tokio::sync::Semaphore>,
 }
+
+/// The model's channel holds this many times `limits.queue_depth` commands: the rest is room
+/// for commands whose callers went away (each waits, unserved, until the model's thread reaches
+/// it). Bounded, so that clients cancelling in a loop cannot queue without limit.
+const CHANNEL_ROOM: usize = 2;
 
 /// The hosted models. Cheap to clone (shared).
 #[derive(Clone)]
@@ -227,7 +241,7 @@ impl Registry {
     }
 
     /// Starts loading a model on its own thread; returns at once with state Loading.
-    pub fn load(&self, ms: ModelSettings) -> Result<ModelInfo> {
+    pub fn load(&self, mut ms: ModelSettings) -> Result<ModelInfo> {
         if ms.id.is_empty() || ms.id.len() > 128 || !ms.id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
             return Err(crate::error::invalid("id", format!("{:?} must be 1-128 characters of A-Z a-z 0-9 - _ .", ms.id)));
         }
@@ -235,6 +249,11 @@ impl Registry {
             // Requests naming it would go to the alias's routes, never to this model.
             return Err(crate::error::invalid("id", format!("{:?} is the name of an alias in the server's settings", ms.id)));
         }
+        let decoders = ms.decoders.unwrap_or(self.inner.settings.decoders);
+        if decoders > MAX_DECODERS {
+            return Err(crate::error::invalid("decoders", format!("{decoders} decoder threads, the limit is {MAX_DECODERS}")));
+        }
+        ms.decoders = Some(decoders);
         let device_name = ms.device.clone().unwrap_or_else(|| self.inner.settings.default_device.clone());
         let device = parse_device(&device_name)?;
         if ms.precision == Precision::Fp16 && device == tch::Device::Cpu {
@@ -257,18 +276,20 @@ impl Registry {
             error: None,
             num_parameters: 0,
             image_size: ms.variant.config().img_size,
+            decoders,
         };
         match self.inner.models.entry(ms.id.clone()) {
             dashmap::Entry::Occupied(_) => {
                 return Err(Error::FailedPrecondition(format!("model {:?} is already loaded: unload it first", ms.id)))
             }
             dashmap::Entry::Vacant(v) => {
-                v.insert(Entry { info: info.clone(), generation, tx: None });
+                let permits = Arc::new(tokio::sync::Semaphore::new(self.inner.settings.limits.queue_depth.max(1)));
+                v.insert(Entry { info: info.clone(), generation, tx: None, permits });
             }
         }
         self.changed();
         let registry = self.clone();
-        let (tx, rx) = mpsc::channel(self.inner.settings.limits.queue_depth.max(1));
+        let (tx, rx) = mpsc::channel(self.inner.settings.limits.queue_depth.max(1) * CHANNEL_ROOM);
         let id = ms.id.clone();
         if let Err(e) = std::thread::Builder::new().name(format!("model-{id}")).spawn(move || worker::run(registry, ms, device, generation, tx, rx)) {
             // Not left "loading" for ever, which would also refuse every later load of the id.
@@ -325,10 +346,10 @@ impl Registry {
         Ok(())
     }
 
-    fn sender(&self, id: &str) -> Result<mpsc::Sender<Command>> {
+    fn sender(&self, id: &str) -> Result<(mpsc::Sender<Command>, Arc<tokio::sync::Semaphore>)> {
         let e = self.inner.models.get(id).ok_or_else(|| not_found(id))?;
         match (&e.info.state, &e.tx) {
-            (ModelState::Ready, Some(tx)) => Ok(tx.clone()),
+            (ModelState::Ready, Some(tx)) => Ok((tx.clone(), e.permits.clone())),
             (ModelState::Failed, _) => Err(Error::Unavailable(format!(
                 "model {id:?} failed: {}",
                 e.info.error.as_deref().unwrap_or("unknown error")
@@ -337,14 +358,18 @@ impl Registry {
         }
     }
 
-    /// Queues a command for a model without waiting: a full queue is RESOURCE_EXHAUSTED.
-    fn send(&self, id: &str, cmd: Command) -> Result<()> {
-        self.sender(id)?.try_send(cmd).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => {
-                Error::ResourceExhausted(format!("model {id:?} has {} requests queued; retry later", self.inner.settings.limits.queue_depth))
-            }
+    /// Queues a command for a model without waiting: a model with `limits.queue_depth` requests
+    /// in flight is RESOURCE_EXHAUSTED. The caller keeps the permit until it has the answer.
+    fn send(&self, id: &str, cmd: Command) -> Result<tokio::sync::OwnedSemaphorePermit> {
+        let (tx, permits) = self.sender(id)?;
+        let full = || Error::ResourceExhausted(format!("model {id:?} has {} requests in flight; retry later", self.inner.settings.limits.queue_depth));
+        let permit = permits.try_acquire_owned().map_err(|_| full())?;
+        tx.try_send(cmd).map_err(|e| match e {
+            // Room for the live ones, the rest taken by commands whose callers went away.
+            mpsc::error::TrySendError::Full(_) => full(),
             mpsc::error::TrySendError::Closed(_) => Error::Unavailable(format!("model {id:?} is shutting down")),
-        })
+        })?;
+        Ok(permit)
     }
 
     pub async fn embed(&self, id: &str, image: Vec<u8>, format: EmbeddingFormat) -> Result<EmbedOutput> {
@@ -352,7 +377,7 @@ impl Registry {
         // keeps later Segment calls on it.
         let id = &self.route_key(id, &image);
         let (reply, rx) = oneshot::channel();
-        self.send(id, Command::Embed { image, format, enqueued: Instant::now(), reply: Reply::new(reply) })?;
+        let _permit = self.send(id, Command::Embed { image, format, enqueued: Instant::now(), reply: Reply::new(reply) })?;
         rx.await.map_err(|_| stopped(id))?
     }
 
@@ -379,7 +404,7 @@ impl Registry {
         }
         let id = &self.route(id, &source);
         let (reply, rx) = oneshot::channel();
-        self.send(id, Command::Segment { source, prompts, multimask, low_res, encoding, enqueued: Instant::now(), reply: Reply::new(reply) })?;
+        let _permit = self.send(id, Command::Segment { source, prompts, multimask, low_res, encoding, enqueued: Instant::now(), reply: Reply::new(reply) })?;
         rx.await.map_err(|_| stopped(id))?
     }
 }
@@ -424,6 +449,10 @@ impl Registry {
         self.inner.models.get(id).is_some_and(|e| e.info.state == ModelState::Ready && e.tx.is_some())
     }
 }
+
+/// Most decoder threads a model may have: each is an OS thread with its own handles on the
+/// decoder's weights.
+pub const MAX_DECODERS: usize = 64;
 
 /// The route whose share of the total weight holds hash(key): sticky and proportional.
 /// The metrics' `model` label for an id that names no model or alias.

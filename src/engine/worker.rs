@@ -7,9 +7,10 @@ use crate::error::{Error, Result};
 use crate::image_io::decode_rgb;
 use crate::masks::{to_png, to_rle};
 use crate::metrics as m;
-use crate::model::Sam;
+use crate::model::{DecoderParts, Sam, SamDecoder};
 use crate::predictor::{ImageEmbedding, Masks, Predictor, Prompt};
 use crate::settings::ModelSettings;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tch::{Device, Kind};
 use tokio::sync::mpsc;
@@ -23,16 +24,27 @@ struct Worker {
     max_mask_pixels: u64,
     max_batch: usize,
     store: Option<super::store::EmbeddingStore>,
+    /// Decoder threads, when the model has any; else this thread decodes.
+    decoders: Option<DecodePool>,
 }
 
 pub(super) fn run(registry: Registry, ms: ModelSettings, device: Device, generation: u64, tx: mpsc::Sender<Command>, mut rx: mpsc::Receiver<Command>) {
     let id = ms.id.clone();
-    let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| tch::no_grad(|| load(&ms, device))))
-        .unwrap_or_else(|_| Err(Error::Internal("loading the model panicked (see the server log)".into())));
+    // Resolved by Registry::load.
+    let decoders = ms.decoders.unwrap_or(0);
+    let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        tch::no_grad(|| {
+            let (predictor, info, warm) = load(&ms, device)?;
+            let pool = if decoders > 0 { Some(DecodePool::start(&ms.id, &predictor.sam, decoders, &warm)?) } else { None };
+            Ok((predictor, info, pool))
+        })
+    }))
+    .unwrap_or_else(|_| Err(Error::Internal("loading the model panicked (see the server log)".into())));
     let (worker, info) = match loaded {
-        Ok((predictor, info)) => {
+        Ok((predictor, info, pool)) => {
             let s = registry.settings();
             let w = Worker {
+                decoders: pool,
                 id: id.clone(),
                 predictor,
                 cache: EmbeddingCache::new(s.cache.max_bytes),
@@ -72,7 +84,8 @@ pub(super) fn run(registry: Registry, ms: ModelSettings, device: Device, generat
     tracing::info!(model = %id, "model unloaded");
 }
 
-fn load(ms: &ModelSettings, device: Device) -> Result<(Predictor, ModelInfo)> {
+/// The model, what the admin API shows of it, and the embedding its warm-up made.
+fn load(ms: &ModelSettings, device: Device) -> Result<(Predictor, ModelInfo, ImageEmbedding)> {
     let (mut sam, ckpt) = match &ms.checkpoint {
         Some(path) => {
             let (sam, c) = Sam::load(ms.variant, path, device)?;
@@ -92,13 +105,14 @@ fn load(ms: &ModelSettings, device: Device) -> Result<(Predictor, ModelInfo)> {
         error: None,
         num_parameters: sam.num_parameters(),
         image_size: sam.config.img_size,
+        decoders: ms.decoders.unwrap_or(0),
     };
     let predictor = Predictor::new(sam);
     // Warm-up: the first pass allocates and picks kernels; keep that out of the first request.
     let img = image::RgbImage::from_pixel(64, 48, image::Rgb([128, 100, 90]));
     let emb = predictor.set_image(&img)?;
     predictor.predict(&emb, &[Prompt { bbox: Some([8.0, 8.0, 40.0, 30.0]), ..Default::default() }], true)?;
-    Ok((predictor, info))
+    Ok((predictor, info, emb))
 }
 
 /// Failed requests in a row after which a model is marked failed instead of going on.
@@ -120,34 +134,42 @@ impl Worker {
                     None => return,
                 },
             };
-            // A panic (a libtorch error that tch unwraps, say) fails the request it happened in,
-            // not the model: the unwinding drops the command's Reply, which answers INTERNAL.
-            let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.handle(cmd, rx, &mut pending)));
-            if let Err(panic) = served {
-                let what = panic
-                    .downcast_ref::<String>()
-                    .map(String::as_str)
-                    .or_else(|| panic.downcast_ref::<&str>().copied())
-                    .unwrap_or("a panic without a message");
-                tracing::error!(model = %self.id, error = %what, "the model thread failed on a request");
-                panics_in_a_row += 1;
-                if panics_in_a_row >= MAX_PANICS_IN_A_ROW {
-                    // Every request failing (a lost GPU, say): stop claiming to be ready. The
-                    // commands still queued never ran: UNAVAILABLE, which clients retry elsewhere.
-                    tracing::error!(model = %self.id, "{panics_in_a_row} requests in a row failed: marking the model failed");
-                    registry.fail(&self.id, generation, format!("{panics_in_a_row} requests in a row failed (see the server log); unload and load it again"));
-                    rx.close();
-                    let unavailable = || Error::Unavailable(format!("model {:?} failed before serving this request", self.id));
-                    for cmd in pending.drain(..) {
-                        cmd.refuse(unavailable());
-                    }
-                    while let Ok(cmd) = rx.try_recv() {
-                        cmd.refuse(unavailable());
-                    }
-                    return;
-                }
+            // Decoder threads failing every request in a row fail the model too; this command
+            // then never runs.
+            let decoders_failing = self.decoders.as_ref().map_or(0, |p| p.load.panics_in_a_row.load(Ordering::SeqCst));
+            if decoders_failing >= MAX_PANICS_IN_A_ROW {
+                pending.push_front(cmd);
+                panics_in_a_row = decoders_failing;
             } else {
-                panics_in_a_row = 0;
+                // A panic (a libtorch error that tch unwraps, say) fails the request it happened
+                // in, not the model: the unwinding drops the command's Reply, which answers INTERNAL.
+                let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.handle(cmd, rx, &mut pending)));
+                if let Err(panic) = served {
+                    let what = panic
+                        .downcast_ref::<String>()
+                        .map(String::as_str)
+                        .or_else(|| panic.downcast_ref::<&str>().copied())
+                        .unwrap_or("a panic without a message");
+                    tracing::error!(model = %self.id, error = %what, "the model thread failed on a request");
+                    panics_in_a_row += 1;
+                } else {
+                    panics_in_a_row = 0;
+                }
+            }
+            if panics_in_a_row >= MAX_PANICS_IN_A_ROW {
+                // Every request failing (a lost GPU, say): stop claiming to be ready. The
+                // commands still queued never ran: UNAVAILABLE, which clients retry elsewhere.
+                tracing::error!(model = %self.id, "{panics_in_a_row} requests in a row failed: marking the model failed");
+                registry.fail(&self.id, generation, format!("{panics_in_a_row} requests in a row failed (see the server log); unload and load it again"));
+                rx.close();
+                let unavailable = || Error::Unavailable(format!("model {:?} failed before serving this request", self.id));
+                for cmd in pending.drain(..) {
+                    cmd.refuse(unavailable());
+                }
+                while let Ok(cmd) = rx.try_recv() {
+                    cmd.refuse(unavailable());
+                }
+                return;
             }
             // A thread draining after an unload leaves the series to the model loaded after it.
             if registry.generation_of(&self.id) == Some(generation) {
@@ -160,6 +182,10 @@ impl Worker {
         #[cfg(test)]
         if crate::test_support::take_injected_panic(&tests::PANICS_TO_INJECT) {
             panic!("injected by a test");
+        }
+        #[cfg(test)]
+        while tests::PAUSED.lock().unwrap().contains(&self.id) {
+            std::thread::sleep(Duration::from_millis(2));
         }
         match cmd {
             Command::Embed { image, format, enqueued, reply } => {
@@ -184,12 +210,22 @@ impl Worker {
                 let queue = enqueued.elapsed();
                 metrics::histogram!(m::QUEUE_SECONDS, "model" => self.id.clone()).record(queue.as_secs_f64());
                 let t = Instant::now();
-                let r = tch::no_grad(|| self.segment(source, &prompts, multimask, low_res, encoding)).map(|mut o| {
-                    o.queue = queue;
-                    o.compute = t.elapsed();
-                    o
-                });
-                reply.send(r);
+                let found = tch::no_grad(|| self.embedding_for(source, &prompts));
+                match (found, &self.decoders) {
+                    (Err(e), _) => reply.send(Err(e)),
+                    (Ok((handle, emb)), Some(pool)) => {
+                        let (resolve, handed_over) = (t.elapsed(), Instant::now());
+                        pool.send(DecodeJob { handle, emb, prompts, multimask, low_res, encoding, queue, resolve, handed_over, reply });
+                    }
+                    (Ok((handle, emb)), None) => {
+                        let r = tch::no_grad(|| decode(&self.id, self.predictor.sam.parts(), handle, &emb, &prompts, multimask, low_res, encoding));
+                        reply.send(r.map(|mut o| {
+                            o.queue = queue;
+                            o.compute = t.elapsed();
+                            o
+                        }));
+                    }
+                }
             }
         }
     }
@@ -326,7 +362,9 @@ impl Worker {
         }
     }
 
-    fn segment(&mut self, source: Source, prompts: &[Prompt], multimask: bool, low_res: bool, encoding: MaskEncoding) -> Result<SegmentOutput> {
+    /// The embedding a Segment request names (found, or encoded from its image) and its handle,
+    /// once its prompts' masks are known to fit the limit.
+    fn embedding_for(&mut self, source: Source, prompts: &[Prompt]) -> Result<(String, ImageEmbedding)> {
         let (handle, emb) = match source {
             Source::Handle(h) => {
                 let e = self.lookup(&h)?;
@@ -354,27 +392,185 @@ impl Worker {
                 ),
             ));
         }
-        let t = Instant::now();
-        let preds = self.predictor.predict_masks(&emb, prompts, multimask, Masks::Best)?;
-        stage(&self.id, "prompt_decode", t.elapsed());
-        metrics::counter!(m::PROMPTS_TOTAL, "model" => self.id.clone()).increment(prompts.len() as u64);
-        let t = Instant::now();
-        let mut masks = Vec::with_capacity(preds.len());
-        for p in preds {
-            let best = p.best as i64;
-            let mask = Vec::<u8>::try_from(p.best_mask().to_kind(Kind::Uint8).flatten(0, -1))?;
-            let low = if low_res { Some(Vec::<f32>::try_from(p.low_res_logits.get(best).flatten(0, -1))?) } else { None };
-            let t_enc = Instant::now();
-            // Encoded here, on the model's thread: handing masks to another thread for this
-            // cost more latency than the encoding itself.
-            let png = if encoding.png { Some(to_png(&mask, h as u32, w as u32)?) } else { None };
-            let rle = encoding.rle.then(|| to_rle(&mask, h as usize, w as usize));
-            stage(&self.id, "encode_mask", t_enc.elapsed());
-            let area = mask.iter().map(|&v| i64::from(v)).sum();
-            masks.push(MaskOutput { png, rle, area, scores: p.iou_predictions, best: p.best, low_res_logits: low, clipped: p.clipped });
+        Ok((handle, emb))
+    }
+}
+
+/// Decodes a Segment request's prompts and encodes the chosen masks as asked.
+#[allow(clippy::too_many_arguments)]
+fn decode(id: &str, dec: DecoderParts, handle: String, emb: &ImageEmbedding, prompts: &[Prompt], multimask: bool, low_res: bool, encoding: MaskEncoding) -> Result<SegmentOutput> {
+    let (h, w) = emb.original_size;
+    let t = Instant::now();
+    let preds = dec.predict_masks(emb, prompts, multimask, Masks::Best)?;
+    stage(id, "prompt_decode", t.elapsed());
+    metrics::counter!(m::PROMPTS_TOTAL, "model" => id.to_owned()).increment(prompts.len() as u64);
+    let t = Instant::now();
+    let mut masks = Vec::with_capacity(preds.len());
+    for p in preds {
+        let best = p.best as i64;
+        let mask = Vec::<u8>::try_from(p.best_mask().to_kind(Kind::Uint8).flatten(0, -1))?;
+        let low = if low_res { Some(Vec::<f32>::try_from(p.low_res_logits.get(best).flatten(0, -1))?) } else { None };
+        let t_enc = Instant::now();
+        // Encoded here, on the thread that decoded: handing masks to another thread for this
+        // cost more latency than the encoding itself.
+        let png = if encoding.png { Some(to_png(&mask, h as u32, w as u32)?) } else { None };
+        let rle = encoding.rle.then(|| to_rle(&mask, h as usize, w as usize));
+        stage(id, "encode_mask", t_enc.elapsed());
+        let area = mask.iter().map(|&v| i64::from(v)).sum();
+        masks.push(MaskOutput { png, rle, area, scores: p.iou_predictions, best: p.best, low_res_logits: low, clipped: p.clipped });
+    }
+    stage(id, "postprocess", t.elapsed());
+    Ok(SegmentOutput { handle, height: h, width: w, masks, queue: Duration::ZERO, compute: Duration::ZERO })
+}
+
+/// A model's decoder threads ([`ModelSettings::decoders`]): Segment requests whose embedding the
+/// model thread has found (or made) are decoded there, side by side, each on its share of the
+/// intra-op threads, while the model thread goes on to the next request. On a CPU a prompt's
+/// decode is many small operations that spread poorly over cores, and its post-processing and
+/// PNG run on one: prompts decoded side by side serve more per second than one at a time on all
+/// cores (BENCHMARKS.md, Serving, "decoder threads").
+struct DecodePool {
+    tx: Option<std::sync::mpsc::SyncSender<DecodeJob>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    load: std::sync::Arc<PoolLoad>,
+}
+
+/// Jobs handed over and not yet finished: a job alone in the pool decodes on all the process's
+/// intra-op threads, as the model thread would (one core is slower for a lone request), and
+/// jobs side by side on an equal share of them (one each with as many decoders as threads).
+/// Also counts the decoder threads' failed jobs in a row ([`MAX_PANICS_IN_A_ROW`] fail the model).
+#[derive(Default)]
+struct PoolLoad {
+    unfinished: std::sync::atomic::AtomicUsize,
+    panics_in_a_row: std::sync::atomic::AtomicU32,
+}
+
+/// A Segment request the model thread hands to its decoder threads.
+struct DecodeJob {
+    handle: String,
+    emb: ImageEmbedding,
+    prompts: Vec<Prompt>,
+    multimask: bool,
+    low_res: bool,
+    encoding: MaskEncoding,
+    /// Its wait in the model's queue, and the model thread's work on it (finding or encoding
+    /// the embedding): the response's queue and compute times include them.
+    queue: Duration,
+    resolve: Duration,
+    handed_over: Instant,
+    reply: Reply<SegmentOutput>,
+}
+
+impl DecodePool {
+    /// `n` threads sharing `sam`'s decoder weights; each decodes `warm` once before serving.
+    fn start(id: &str, sam: &Sam, n: usize, warm: &ImageEmbedding) -> Result<Self> {
+        // Room for one job per thread waiting: more would only move the queue from the model's
+        // bounded channel, where a full queue is RESOURCE_EXHAUSTED, to here.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<DecodeJob>(n);
+        let rx = std::sync::Arc::new(std::sync::Mutex::new(rx));
+        let load = std::sync::Arc::new(PoolLoad::default());
+        let all = tch::get_num_threads().max(1);
+        let mut threads = Vec::with_capacity(n);
+        for i in 0..n {
+            let (id, dec, rx, load, warm) = (id.to_owned(), sam.decoder_replica(), rx.clone(), load.clone(), warm.shallow_clone());
+            let t = std::thread::Builder::new()
+                .name(format!("decode-{id}-{i}"))
+                .spawn(move || decoder_thread(&id, &dec, &rx, &load, n, all, warm))
+                .map_err(|e| Error::Internal(format!("spawning a decoder thread: {e}")))?;
+            threads.push(t);
         }
-        stage(&self.id, "postprocess", t.elapsed());
-        Ok(SegmentOutput { handle, height: h, width: w, masks, queue: Duration::ZERO, compute: Duration::ZERO })
+        Ok(Self { tx: Some(tx), threads, load })
+    }
+
+    /// Hands a job over, waiting while every thread is busy and one job waits for each.
+    fn send(&self, job: DecodeJob) {
+        self.load.unfinished.fetch_add(1, Ordering::SeqCst);
+        if let Err(std::sync::mpsc::SendError(job)) = self.tx.as_ref().expect("open until dropped").send(job) {
+            self.load.unfinished.fetch_sub(1, Ordering::SeqCst);
+            job.reply.send(Err(Error::Internal("the model's decoder threads have stopped".into())));
+        }
+    }
+}
+
+impl Drop for DecodePool {
+    /// The threads finish the jobs handed over, then end.
+    fn drop(&mut self) {
+        self.tx = None;
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Ends a job's count in [`PoolLoad`] however the job ends.
+struct Unfinished<'a>(&'a PoolLoad);
+
+impl Drop for Unfinished<'_> {
+    fn drop(&mut self) {
+        self.0.unfinished.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn decoder_thread(id: &str, dec: &SamDecoder, rx: &std::sync::Mutex<std::sync::mpsc::Receiver<DecodeJob>>, load: &PoolLoad, n: usize, all: i32, warm: ImageEmbedding) {
+    // Side by side, the decoders share the process's threads out.
+    let busy = (all / n as i32).max(1);
+    // Where a thread's count cannot be set, every job runs on the process's count.
+    let per_thread = crate::device::set_intra_op_threads_for_this_thread(busy);
+    if !per_thread {
+        tracing::warn!(model = %id, "cannot set a decoder thread's intra-op threads: it uses the process's count");
+    }
+    let mut threads = busy;
+    // The first pass allocates and picks kernels; keep that out of the first request.
+    let warmed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        tch::no_grad(|| dec.parts().predict_masks(&warm, &[Prompt { bbox: Some([8.0, 8.0, 40.0, 30.0]), ..Default::default() }], true, Masks::Best))
+    }));
+    if !matches!(warmed, Ok(Ok(_))) {
+        tracing::warn!(model = %id, "a decoder thread's warm-up failed");
+    }
+    drop(warm);
+    loop {
+        // Held while waiting: the other idle threads wait on the lock instead of the channel.
+        let job = match rx.lock() {
+            Ok(rx) => rx.recv(),
+            Err(_) => return,
+        };
+        let Ok(job) = job else { return };
+        let _unfinished = Unfinished(load);
+        let DecodeJob { handle, emb, prompts, multimask, low_res, encoding, queue, resolve, handed_over, reply } = job;
+        if reply.is_closed() {
+            continue; // the client went away
+        }
+        let want = if load.unfinished.load(Ordering::SeqCst) <= 1 { all } else { busy };
+        if per_thread && want != threads {
+            crate::device::set_intra_op_threads_for_this_thread(want);
+            threads = want;
+        }
+        let wait = handed_over.elapsed();
+        stage(id, "decoder_wait", wait);
+        let t = Instant::now();
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            #[cfg(test)]
+            if crate::test_support::take_injected_panic(&tests::DECODER_PANICS_TO_INJECT) {
+                panic!("injected by a test");
+            }
+            tch::no_grad(|| decode(id, dec.parts(), handle, &emb, &prompts, multimask, low_res, encoding))
+        }));
+        match r {
+            Ok(r) => {
+                load.panics_in_a_row.store(0, Ordering::SeqCst);
+                reply.send(r.map(|mut o| {
+                    o.queue = queue + wait;
+                    o.compute = resolve + t.elapsed();
+                    o
+                }))
+            }
+            Err(_) => {
+                // Dropping the reply unanswered answers INTERNAL.
+                tracing::error!(model = %id, "a decoder thread failed on a request");
+                load.panics_in_a_row.fetch_add(1, Ordering::SeqCst);
+                drop(reply);
+            }
+        }
     }
 }
 
@@ -387,6 +583,89 @@ mod tests {
 
     /// Commands that panic before being served (the only test here that sets it).
     pub(super) static PANICS_TO_INJECT: AtomicU32 = AtomicU32::new(0);
+    /// Decoder-thread jobs that panic before being decoded (the only test here that sets it).
+    pub(super) static DECODER_PANICS_TO_INJECT: AtomicU32 = AtomicU32::new(0);
+    /// Models whose thread waits before serving its next command.
+    pub(super) static PAUSED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+    /// A caller that goes away gives its room back at once, though its command still waits in
+    /// the channel for the model's thread to skip it; live requests stay limited to queue_depth.
+    #[tokio::test]
+    async fn callers_that_went_away_take_no_room_from_live_ones() {
+        let mut s = Settings::load(None).unwrap();
+        s.limits.queue_depth = 2;
+        let r = crate::test_support::registry_with_tiny_model(s, "paused").await;
+        let image = std::fs::read("tests/fixtures/images/ISIC_0024306.jpg").unwrap();
+        let handle = r.embed("paused", image, EmbeddingFormat::None).await.unwrap().handle;
+        let segment = |r: Registry, h: String| async move {
+            r.segment("paused", Source::Handle(h), vec![Prompt::default()], false, false, MaskEncoding { png: false, rle: true }).await
+        };
+        PAUSED.lock().unwrap().push("paused".into());
+        // Two callers give up while the model's thread is held: their commands stay queued.
+        for _ in 0..2 {
+            assert!(tokio::time::timeout(Duration::from_millis(20), segment(r.clone(), handle.clone())).await.is_err());
+        }
+        // Two live ones still get in; a third is over the limit.
+        let live: Vec<_> = (0..2).map(|_| tokio::spawn(segment(r.clone(), handle.clone()))).collect();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(matches!(segment(r.clone(), handle.clone()).await, Err(Error::ResourceExhausted(_))));
+        PAUSED.lock().unwrap().retain(|m| m != "paused");
+        for t in live {
+            assert!(t.await.unwrap().is_ok());
+        }
+    }
+
+    /// The same Segment requests, sent at once, decoded by the model's thread and by decoder
+    /// threads: the same masks and scores, each answer for its own request. A panic in a decoder
+    /// thread fails only its request, and the thread serves on.
+    #[tokio::test]
+    async fn decoder_threads_answer_as_the_model_thread_does() {
+        let mut s = Settings::load(None).unwrap();
+        s.decoders = 0;
+        let alone = crate::test_support::registry_with_tiny_model(s.clone(), "t").await;
+        s.decoders = 3;
+        let pooled = crate::test_support::registry_with_tiny_model(s, "t").await;
+        assert_eq!((alone.get("t").unwrap().decoders, pooled.get("t").unwrap().decoders), (0, 3));
+        let image = std::fs::read("tests/fixtures/images/ISIC_0024306.jpg").unwrap();
+        let boxes: Vec<[f32; 4]> = (0..12).map(|i| [10.0 + 8.0 * i as f32, 20.0, 300.0 + 10.0 * i as f32, 280.0]).collect();
+        let answers = |r: Registry| {
+            let (image, boxes) = (image.clone(), boxes.clone());
+            async move {
+                let handle = r.embed("t", image, EmbeddingFormat::None).await.unwrap().handle;
+                let calls = boxes.iter().map(|b| {
+                    let prompts = vec![Prompt { bbox: Some(*b), ..Default::default() }];
+                    r.segment("t", Source::Handle(handle.clone()), prompts, true, false, MaskEncoding { png: false, rle: true })
+                });
+                futures::future::join_all(calls).await.into_iter().map(|o| o.unwrap()).collect::<Vec<_>>()
+            }
+        };
+        let (a, b) = (answers(alone).await, answers(pooled.clone()).await);
+        for (i, (a, b)) in a.iter().zip(&b).enumerate() {
+            let (a, b) = (&a.masks[0], &b.masks[0]);
+            // One intra-op thread or two may round a sum differently: a pixel at the threshold may flip.
+            assert!((a.area - b.area).abs() <= a.area / 1000, "{i}: area {} vs {}", a.area, b.area);
+            for (x, y) in a.scores.iter().zip(&b.scores) {
+                assert!((x - y).abs() < 1e-4, "{i}: scores {:?} vs {:?}", a.scores, b.scores);
+            }
+        }
+        let areas: std::collections::HashSet<i64> = b.iter().map(|o| o.masks[0].area).collect();
+        assert!(areas.len() > 6, "the boxes give different masks, so a swapped answer would show: {areas:?}");
+        DECODER_PANICS_TO_INJECT.store(1, Ordering::SeqCst);
+        let handle = pooled.embed("t", image.clone(), EmbeddingFormat::None).await.unwrap().handle;
+        let segment = || pooled.segment("t", Source::Handle(handle.clone()), vec![Prompt::default()], true, false, MaskEncoding { png: true, rle: false });
+        assert!(matches!(segment().await, Err(Error::Internal(_))));
+        for _ in 0..4 {
+            assert!(segment().await.is_ok(), "the decoder threads serve on after a panic");
+        }
+        assert_eq!(pooled.get("t").unwrap().state, ModelState::Ready);
+        // Failing every request in a row, they fail the model, as its own thread would.
+        DECODER_PANICS_TO_INJECT.store(MAX_PANICS_IN_A_ROW, Ordering::SeqCst);
+        for _ in 0..MAX_PANICS_IN_A_ROW {
+            assert!(matches!(segment().await, Err(Error::Internal(_))));
+        }
+        assert!(matches!(segment().await, Err(Error::Unavailable(m)) if m.contains("failed")));
+        assert_eq!(pooled.get("t").unwrap().state, ModelState::Failed);
+    }
 
     #[tokio::test]
     async fn a_panic_fails_only_its_request_and_repeated_panics_fail_the_model() {

@@ -61,6 +61,7 @@ pub fn model_info_to_pb(i: &ModelInfo) -> pb::ModelInfo {
         error: i.error.clone().unwrap_or_default(),
         num_parameters: i.num_parameters,
         image_size: i.image_size as i32,
+        decoders: i.decoders as u32,
     }
 }
 

@@ -39,6 +39,7 @@ impl ModelService for Models {
                 checkpoint: (!r.checkpoint.is_empty()).then(|| r.checkpoint.clone().into()),
                 device: (!r.device.is_empty()).then(|| r.device.clone()),
                 precision: precision_from_pb(r.precision, "precision")?,
+                decoders: r.decoders.map(|n| n as usize),
             };
             self.registry.load(ms)
         })()

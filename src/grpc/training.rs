@@ -382,6 +382,7 @@ impl Training {
                         checkpoint: Some(fin.best_checkpoint.clone()),
                         device: Some(device_setting(&device_label)),
                         precision,
+                        decoders: None,
                     };
                     match self.registry.load(ms) {
                         Ok(_) => model_id = id,

@@ -137,22 +137,80 @@ impl Sam {
         self.image_encoder.forward(&preprocessed.to_kind(self.precision.kind())).to_kind(Kind::Float)
     }
 
+    /// The prompt encoder and mask decoder, borrowed: what decoding needs.
+    pub fn parts(&self) -> DecoderParts<'_> {
+        DecoderParts { config: &self.config, prompt_encoder: &self.prompt_encoder, mask_decoder: &self.mask_decoder }
+    }
+
+    /// A decoder of its own sharing this model's prompt encoder and mask decoder weights (no
+    /// copy), for another thread: tch tensors are Send but not Sync, so each thread needs its own
+    /// handles, and decoding only reads the weights.
+    pub fn decoder_replica(&self) -> SamDecoder {
+        let vs = nn::VarStore::new(self.device());
+        let root = vs.root();
+        let prompt_encoder = PromptEncoder::new(&(&root / "prompt_encoder"), &self.config);
+        let mask_decoder = MaskDecoder::new(&(&root / "mask_decoder"), &self.config);
+        let ours = self.vs.variables();
+        tch::no_grad(|| {
+            for (name, mut var) in vs.variables() {
+                let src = ours.get(&name).unwrap_or_else(|| panic!("{name} is built by Sam::new too"));
+                var.set_data(src);
+            }
+        });
+        SamDecoder { config: self.config.clone(), _vs: vs, prompt_encoder, mask_decoder }
+    }
+
     /// Low-res logits (B, K, L, L) (L = 4x the embedding grid) and IoU predictions (B, K) for a batch of prompts on
     /// one image embedding (1, C, 64, 64), or one embedding per prompt (B, C, 64, 64).
     pub fn decode(&self, embedding: &Tensor, prompts: &PromptBatch, multimask_output: bool) -> (Tensor, Tensor) {
-        self.decode_with(embedding, None, prompts, multimask_output)
+        self.parts().decode_with(embedding, None, prompts, multimask_output)
     }
 
-    /// [`Self::decode`] with the embedding's decoder prefix, when known (see [`Self::decoder_prefix`]).
+    /// [`DecoderParts::decode_with`].
     pub fn decode_with(&self, embedding: &Tensor, prefix: Option<&ImageProjections>, prompts: &PromptBatch, multimask_output: bool) -> (Tensor, Tensor) {
-        let (masks, iou) = self.decode_all_with(embedding, prefix, prompts);
-        self.mask_decoder.select_outputs(&masks, &iou, multimask_output)
+        self.parts().decode_with(embedding, prefix, prompts, multimask_output)
     }
 
     /// Every output of the decoder, (B, 4, L, L) logits (L = 4x the embedding grid) and (B, 4) IoU predictions: token 0
     /// (the single-mask output) then the three multimask ones. Training uses all of them.
     pub fn decode_all(&self, embedding: &Tensor, prompts: &PromptBatch) -> (Tensor, Tensor) {
-        self.decode_all_with(embedding, None, prompts)
+        self.parts().decode_all_with(embedding, None, prompts)
+    }
+
+    /// [`DecoderParts::decoder_prefix`].
+    pub fn decoder_prefix(&self, embedding: &Tensor) -> ImageProjections {
+        self.parts().decoder_prefix(embedding)
+    }
+
+    /// [`DecoderParts::decode_all_with`].
+    pub fn decode_all_with(&self, embedding: &Tensor, prefix: Option<&ImageProjections>, prompts: &PromptBatch) -> (Tensor, Tensor) {
+        self.parts().decode_all_with(embedding, prefix, prompts)
+    }
+
+    /// [`DecoderParts::postprocess_masks`].
+    pub fn postprocess_masks(&self, low_res: &Tensor, input_size: (i64, i64), original_size: (i64, i64)) -> Tensor {
+        self.parts().postprocess_masks(low_res, input_size, original_size)
+    }
+
+    /// Number of parameters (weights and buffers in the state_dict).
+    pub fn num_parameters(&self) -> i64 {
+        self.vs.variables().values().map(|t| t.numel() as i64).sum()
+    }
+}
+
+/// What decoding prompts needs of a model, borrowed from a [`Sam`] or a [`SamDecoder`].
+#[derive(Clone, Copy)]
+pub struct DecoderParts<'a> {
+    pub config: &'a SamConfig,
+    pub prompt_encoder: &'a PromptEncoder,
+    pub mask_decoder: &'a MaskDecoder,
+}
+
+impl DecoderParts<'_> {
+    /// Low-res logits (B, K, L, L) and IoU predictions (B, K) ([`Sam::decode`]) with the embedding's decoder prefix, when known (see [`Self::decoder_prefix`]).
+    pub fn decode_with(&self, embedding: &Tensor, prefix: Option<&ImageProjections>, prompts: &PromptBatch, multimask_output: bool) -> (Tensor, Tensor) {
+        let (masks, iou) = self.decode_all_with(embedding, prefix, prompts);
+        self.mask_decoder.select_outputs(&masks, &iou, multimask_output)
     }
 
     /// The decoder's work on `embedding` that no prompt without a mask input changes; computed
@@ -162,7 +220,7 @@ impl Sam {
         self.mask_decoder.prefix(embedding, &self.prompt_encoder.get_dense_pe(), &dense)
     }
 
-    /// [`Self::decode_all`] with `prefix` = `self.decoder_prefix(embedding)` when known; it is
+    /// [`Sam::decode_all`] with `prefix` = `self.decoder_prefix(embedding)` when known; it is
     /// used only for prompts without a mask input.
     pub fn decode_all_with(&self, embedding: &Tensor, prefix: Option<&ImageProjections>, prompts: &PromptBatch) -> (Tensor, Tensor) {
         let (mut sparse, mut dense) = self.prompt_encoder.forward(prompts);
@@ -197,9 +255,53 @@ impl Sam {
         };
         cropped.upsample_bilinear2d([original_size.0, original_size.1], false, None, None)
     }
+}
 
-    /// Number of parameters (weights and buffers in the state_dict).
-    pub fn num_parameters(&self) -> i64 {
-        self.vs.variables().values().map(|t| t.numel() as i64).sum()
+/// A model's prompt encoder and mask decoder on their own, sharing the model's weights
+/// ([`Sam::decoder_replica`]).
+pub struct SamDecoder {
+    pub config: SamConfig,
+    /// Owns the replica's variables (their data is the model's).
+    _vs: nn::VarStore,
+    pub prompt_encoder: PromptEncoder,
+    pub mask_decoder: MaskDecoder,
+}
+
+impl SamDecoder {
+    pub fn parts(&self) -> DecoderParts<'_> {
+        DecoderParts { config: &self.config, prompt_encoder: &self.prompt_encoder, mask_decoder: &self.mask_decoder }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A replica decodes as the model does, because it reads the model's own weights: changed in
+    /// the model, they are changed in the replica.
+    #[test]
+    fn a_decoder_replica_shares_the_models_weights() {
+        tch::manual_seed(0);
+        let sam = Sam::new(SamVariant::Tiny, Device::Cpu);
+        let replica = sam.decoder_replica();
+        let g = sam.config.embedding_size();
+        let emb = Tensor::randn([1, sam.config.prompt_embed_dim, g, g], (Kind::Float, Device::Cpu));
+        let boxes = Tensor::from_slice(&[10.0f32, 20.0, 120.0, 90.0]).view([1, 4]);
+        let prompts = PromptBatch { boxes: Some(&boxes), ..Default::default() };
+        let decode = |p: DecoderParts| tch::no_grad(|| p.decode_with(&emb, None, &prompts, true));
+        let (a, ai) = decode(sam.parts());
+        let (b, bi) = decode(replica.parts());
+        assert!(a.equal(&b) && ai.equal(&bi));
+        tch::no_grad(|| {
+            for (name, mut v) in sam.vs.variables() {
+                if name.starts_with("mask_decoder.output_hypernetworks_mlps.") {
+                    let _ = v.fill_(0.01);
+                }
+            }
+        });
+        let (c, _) = decode(sam.parts());
+        let (d, _) = decode(replica.parts());
+        assert!(!c.equal(&a), "the change reaches the model's output");
+        assert!(c.equal(&d), "and the replica's");
     }
 }

@@ -26,6 +26,7 @@ pub fn tiny_settings() -> Settings {
         checkpoint: Some(tiny_checkpoint()),
         device: None,
         precision: skinsam::model::Precision::Fp32,
+        decoders: None,
     }];
     s
 }

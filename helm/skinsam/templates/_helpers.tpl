@@ -148,6 +148,9 @@ grpc_addr = {{ printf "0.0.0.0:%d" (int .Values.containerPorts.grpc) | toJson }}
 metrics_addr = {{ ternary (printf "0.0.0.0:%d" (int .Values.containerPorts.metrics)) "" .Values.metrics.enabled | toJson }}
 default_device = {{ $c.default_device | toJson }}
 threads = {{ int64 $c.threads }}
+{{- if hasKey $c "decoders" }}
+decoders = {{ int64 $c.decoders }}
+{{- end }}
 log_format = {{ $c.log_format | toJson }}
 {{- range $m := $c.models }}
 
@@ -160,6 +163,9 @@ device = {{ . | toJson }}
 {{- end }}
 {{- with $m.precision }}
 precision = {{ . | toJson }}
+{{- end }}
+{{- if hasKey $m "decoders" }}
+decoders = {{ int64 $m.decoders }}
 {{- end }}
 {{- end }}
 {{- range $a := $c.aliases }}
