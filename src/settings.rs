@@ -157,9 +157,9 @@ pub struct Settings {
     pub default_device: String,
     /// libtorch intra-op threads per process (0: one per core).
     pub threads: i32,
-    /// Decoder threads per model, each decoding one request at a time on one intra-op thread,
-    /// while the model's own thread finds or makes embeddings; 0: the model's thread decodes
-    /// too (BENCHMARKS.md, Serving, "decoder threads"). A model's own `decoders` overrides it.
+    /// Decoder threads per model, each decoding one request at a time (side by side on an equal
+    /// share of the intra-op threads, a lone request on all of them) while the model's own
+    /// thread finds or makes embeddings; 0: the model's thread decodes too (BENCHMARKS.md, Serving, "decoder threads"). A model's own `decoders` overrides it.
     pub decoders: usize,
     /// How large CPU products run: "auto" (both ways timed once per process), "matmul" or "conv"
     /// (see `model::common::CpuProducts`).

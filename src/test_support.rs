@@ -12,6 +12,35 @@ pub fn take_injected_panic(counter: &AtomicU32) -> bool {
     counter.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok()
 }
 
+/// Panics a test injects into the threads of one model, by its id: tests running beside it, with
+/// models of their own, are not hit.
+pub struct InjectedPanics(std::sync::Mutex<Vec<(String, u32)>>);
+
+impl InjectedPanics {
+    pub const fn new() -> Self {
+        Self(std::sync::Mutex::new(Vec::new()))
+    }
+
+    /// The next `n` hook calls for `model` panic.
+    pub fn set(&self, model: &str, n: u32) {
+        let mut v = self.0.lock().unwrap();
+        v.retain(|(m, _)| m != model);
+        v.push((model.to_owned(), n));
+    }
+
+    /// A panic hook: true (and one fewer left) while `model` has injected panics left.
+    pub fn take(&self, model: &str) -> bool {
+        let mut v = self.0.lock().unwrap();
+        match v.iter_mut().find(|(m, n)| m == model && *n > 0) {
+            Some((_, n)) => {
+                *n -= 1;
+                true
+            }
+            None => false,
+        }
+    }
+}
+
 /// A registry over `settings` (its configured models dropped) hosting the tiny test model as
 /// `id` on the CPU, once it is ready.
 pub async fn registry_with_tiny_model(mut settings: Settings, id: &str) -> Registry {

@@ -202,7 +202,7 @@ async fn an_upload_that_breaks_off_ends_the_run_with_an_error_not_a_final_summar
 
 #[tokio::test]
 async fn a_run_waits_out_a_full_model_queue_instead_of_failing() {
-    // One queued command per model, three images in flight: the model answers
+    // One request in flight per model, three images in flight: the model answers
     // RESOURCE_EXHAUSTED to some of the run's own calls, which are retried.
     let mut settings = settings_with_roots(None);
     settings.limits.queue_depth = 1;

@@ -120,7 +120,7 @@ impl<T> Reply<T> {
 impl<T> Drop for Reply<T> {
     fn drop(&mut self) {
         if let Some(tx) = self.0.take() {
-            let _ = tx.send(Err(Error::Internal("the model thread failed while serving this request".into())));
+            let _ = tx.send(Err(Error::Internal("the model failed while serving this request (see the server log)".into())));
         }
     }
 }
@@ -362,11 +362,12 @@ impl Registry {
     /// in flight is RESOURCE_EXHAUSTED. The caller keeps the permit until it has the answer.
     fn send(&self, id: &str, cmd: Command) -> Result<tokio::sync::OwnedSemaphorePermit> {
         let (tx, permits) = self.sender(id)?;
-        let full = || Error::ResourceExhausted(format!("model {id:?} has {} requests in flight; retry later", self.inner.settings.limits.queue_depth));
-        let permit = permits.try_acquire_owned().map_err(|_| full())?;
+        let depth = self.inner.settings.limits.queue_depth;
+        let permit = permits.try_acquire_owned().map_err(|_| Error::ResourceExhausted(format!("model {id:?} has {depth} requests in flight; retry later")))?;
         tx.try_send(cmd).map_err(|e| match e {
-            // Room for the live ones, the rest taken by commands whose callers went away.
-            mpsc::error::TrySendError::Full(_) => full(),
+            mpsc::error::TrySendError::Full(_) => {
+                Error::ResourceExhausted(format!("model {id:?} has its queue full of requests whose callers went away; retry later"))
+            }
             mpsc::error::TrySendError::Closed(_) => Error::Unavailable(format!("model {id:?} is shutting down")),
         })?;
         Ok(permit)

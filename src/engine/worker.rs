@@ -35,7 +35,7 @@ pub(super) fn run(registry: Registry, ms: ModelSettings, device: Device, generat
     let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         tch::no_grad(|| {
             let (predictor, info, warm) = load(&ms, device)?;
-            let pool = if decoders > 0 { Some(DecodePool::start(&ms.id, &predictor.sam, decoders, &warm)?) } else { None };
+            let pool = if decoders > 0 { Some(DecodePool::start(&registry, generation, &ms.id, &predictor.sam, decoders, &warm)?) } else { None };
             Ok((predictor, info, pool))
         })
     }))
@@ -180,7 +180,7 @@ impl Worker {
 
     fn handle(&mut self, cmd: Command, rx: &mut mpsc::Receiver<Command>, pending: &mut std::collections::VecDeque<Command>) {
         #[cfg(test)]
-        if crate::test_support::take_injected_panic(&tests::PANICS_TO_INJECT) {
+        if tests::PANICS_TO_INJECT.take(&self.id) {
             panic!("injected by a test");
         }
         #[cfg(test)]
@@ -463,7 +463,7 @@ struct DecodeJob {
 
 impl DecodePool {
     /// `n` threads sharing `sam`'s decoder weights; each decodes `warm` once before serving.
-    fn start(id: &str, sam: &Sam, n: usize, warm: &ImageEmbedding) -> Result<Self> {
+    fn start(registry: &Registry, generation: u64, id: &str, sam: &Sam, n: usize, warm: &ImageEmbedding) -> Result<Self> {
         // Room for one job per thread waiting: more would only move the queue from the model's
         // bounded channel, where a full queue is RESOURCE_EXHAUSTED, to here.
         let (tx, rx) = std::sync::mpsc::sync_channel::<DecodeJob>(n);
@@ -473,9 +473,10 @@ impl DecodePool {
         let mut threads = Vec::with_capacity(n);
         for i in 0..n {
             let (id, dec, rx, load, warm) = (id.to_owned(), sam.decoder_replica(), rx.clone(), load.clone(), warm.shallow_clone());
+            let model = (registry.clone(), generation);
             let t = std::thread::Builder::new()
                 .name(format!("decode-{id}-{i}"))
-                .spawn(move || decoder_thread(&id, &dec, &rx, &load, n, all, warm))
+                .spawn(move || decoder_thread(&id, &model, &dec, &rx, &load, n, all, warm))
                 .map_err(|e| Error::Internal(format!("spawning a decoder thread: {e}")))?;
             threads.push(t);
         }
@@ -511,7 +512,17 @@ impl Drop for Unfinished<'_> {
     }
 }
 
-fn decoder_thread(id: &str, dec: &SamDecoder, rx: &std::sync::Mutex<std::sync::mpsc::Receiver<DecodeJob>>, load: &PoolLoad, n: usize, all: i32, warm: ImageEmbedding) {
+#[allow(clippy::too_many_arguments)]
+fn decoder_thread(
+    id: &str,
+    (registry, generation): &(Registry, u64),
+    dec: &SamDecoder,
+    rx: &std::sync::Mutex<std::sync::mpsc::Receiver<DecodeJob>>,
+    load: &PoolLoad,
+    n: usize,
+    all: i32,
+    warm: ImageEmbedding,
+) {
     // Side by side, the decoders share the process's threads out.
     let busy = (all / n as i32).max(1);
     // Where a thread's count cannot be set, every job runs on the process's count.
@@ -550,7 +561,7 @@ fn decoder_thread(id: &str, dec: &SamDecoder, rx: &std::sync::Mutex<std::sync::m
         let t = Instant::now();
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             #[cfg(test)]
-            if crate::test_support::take_injected_panic(&tests::DECODER_PANICS_TO_INJECT) {
+            if tests::DECODER_PANICS_TO_INJECT.take(id) {
                 panic!("injected by a test");
             }
             tch::no_grad(|| decode(id, dec.parts(), handle, &emb, &prompts, multimask, low_res, encoding))
@@ -565,9 +576,15 @@ fn decoder_thread(id: &str, dec: &SamDecoder, rx: &std::sync::Mutex<std::sync::m
                 }))
             }
             Err(_) => {
-                // Dropping the reply unanswered answers INTERNAL.
                 tracing::error!(model = %id, "a decoder thread failed on a request");
-                load.panics_in_a_row.fetch_add(1, Ordering::SeqCst);
+                let failed = load.panics_in_a_row.fetch_add(1, Ordering::SeqCst) + 1;
+                if failed == MAX_PANICS_IN_A_ROW {
+                    // Marked now, so that health and new requests see it; the model's thread
+                    // refuses what is queued when it next looks (Worker::serve).
+                    tracing::error!(model = %id, "{failed} requests in a row failed on the decoder threads: marking the model failed");
+                    registry.fail(id, *generation, format!("{failed} requests in a row failed (see the server log); unload and load it again"));
+                }
+                // Dropping the reply unanswered answers INTERNAL.
                 drop(reply);
             }
         }
@@ -579,12 +596,12 @@ mod tests {
     use super::*;
     use crate::engine::EmbeddingFormat;
     use crate::settings::Settings;
-    use std::sync::atomic::{AtomicU32, Ordering};
+    use crate::test_support::InjectedPanics;
 
-    /// Commands that panic before being served (the only test here that sets it).
-    pub(super) static PANICS_TO_INJECT: AtomicU32 = AtomicU32::new(0);
-    /// Decoder-thread jobs that panic before being decoded (the only test here that sets it).
-    pub(super) static DECODER_PANICS_TO_INJECT: AtomicU32 = AtomicU32::new(0);
+    /// Commands that panic before being served, per model.
+    pub(super) static PANICS_TO_INJECT: InjectedPanics = InjectedPanics::new();
+    /// Decoder-thread jobs that panic before being decoded, per model.
+    pub(super) static DECODER_PANICS_TO_INJECT: InjectedPanics = InjectedPanics::new();
     /// Models whose thread waits before serving its next command.
     pub(super) static PAUSED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
 
@@ -622,24 +639,24 @@ mod tests {
     async fn decoder_threads_answer_as_the_model_thread_does() {
         let mut s = Settings::load(None).unwrap();
         s.decoders = 0;
-        let alone = crate::test_support::registry_with_tiny_model(s.clone(), "t").await;
+        let alone = crate::test_support::registry_with_tiny_model(s.clone(), "alone").await;
         s.decoders = 3;
-        let pooled = crate::test_support::registry_with_tiny_model(s, "t").await;
-        assert_eq!((alone.get("t").unwrap().decoders, pooled.get("t").unwrap().decoders), (0, 3));
+        let pooled = crate::test_support::registry_with_tiny_model(s, "pooled").await;
+        assert_eq!((alone.get("alone").unwrap().decoders, pooled.get("pooled").unwrap().decoders), (0, 3));
         let image = std::fs::read("tests/fixtures/images/ISIC_0024306.jpg").unwrap();
         let boxes: Vec<[f32; 4]> = (0..12).map(|i| [10.0 + 8.0 * i as f32, 20.0, 300.0 + 10.0 * i as f32, 280.0]).collect();
-        let answers = |r: Registry| {
+        let answers = |r: Registry, id: &'static str| {
             let (image, boxes) = (image.clone(), boxes.clone());
             async move {
-                let handle = r.embed("t", image, EmbeddingFormat::None).await.unwrap().handle;
+                let handle = r.embed(id, image, EmbeddingFormat::None).await.unwrap().handle;
                 let calls = boxes.iter().map(|b| {
                     let prompts = vec![Prompt { bbox: Some(*b), ..Default::default() }];
-                    r.segment("t", Source::Handle(handle.clone()), prompts, true, false, MaskEncoding { png: false, rle: true })
+                    r.segment(id, Source::Handle(handle.clone()), prompts, true, false, MaskEncoding { png: false, rle: true })
                 });
                 futures::future::join_all(calls).await.into_iter().map(|o| o.unwrap()).collect::<Vec<_>>()
             }
         };
-        let (a, b) = (answers(alone).await, answers(pooled.clone()).await);
+        let (a, b) = (answers(alone, "alone").await, answers(pooled.clone(), "pooled").await);
         for (i, (a, b)) in a.iter().zip(&b).enumerate() {
             let (a, b) = (&a.masks[0], &b.masks[0]);
             // One intra-op thread or two may round a sum differently: a pixel at the threshold may flip.
@@ -650,32 +667,32 @@ mod tests {
         }
         let areas: std::collections::HashSet<i64> = b.iter().map(|o| o.masks[0].area).collect();
         assert!(areas.len() > 6, "the boxes give different masks, so a swapped answer would show: {areas:?}");
-        DECODER_PANICS_TO_INJECT.store(1, Ordering::SeqCst);
-        let handle = pooled.embed("t", image.clone(), EmbeddingFormat::None).await.unwrap().handle;
-        let segment = || pooled.segment("t", Source::Handle(handle.clone()), vec![Prompt::default()], true, false, MaskEncoding { png: true, rle: false });
+        DECODER_PANICS_TO_INJECT.set("pooled", 1);
+        let handle = pooled.embed("pooled", image.clone(), EmbeddingFormat::None).await.unwrap().handle;
+        let segment = || pooled.segment("pooled", Source::Handle(handle.clone()), vec![Prompt::default()], true, false, MaskEncoding { png: true, rle: false });
         assert!(matches!(segment().await, Err(Error::Internal(_))));
         for _ in 0..4 {
             assert!(segment().await.is_ok(), "the decoder threads serve on after a panic");
         }
-        assert_eq!(pooled.get("t").unwrap().state, ModelState::Ready);
-        // Failing every request in a row, they fail the model, as its own thread would.
-        DECODER_PANICS_TO_INJECT.store(MAX_PANICS_IN_A_ROW, Ordering::SeqCst);
+        assert_eq!(pooled.get("pooled").unwrap().state, ModelState::Ready);
+        // Failing every request in a row, they fail the model at once, as its own thread would.
+        DECODER_PANICS_TO_INJECT.set("pooled", MAX_PANICS_IN_A_ROW);
         for _ in 0..MAX_PANICS_IN_A_ROW {
             assert!(matches!(segment().await, Err(Error::Internal(_))));
         }
-        assert!(matches!(segment().await, Err(Error::Unavailable(m)) if m.contains("failed")));
-        assert_eq!(pooled.get("t").unwrap().state, ModelState::Failed);
+        assert_eq!(pooled.get("pooled").unwrap().state, ModelState::Failed);
+        assert!(matches!(segment().await, Err(Error::Unavailable(m)) if m.contains("in a row")));
     }
 
     #[tokio::test]
     async fn a_panic_fails_only_its_request_and_repeated_panics_fail_the_model() {
-        let registry = crate::test_support::registry_with_tiny_model(Settings::load(None).unwrap(), "t").await;
+        let registry = crate::test_support::registry_with_tiny_model(Settings::load(None).unwrap(), "panics").await;
         let image = std::fs::read("tests/fixtures/images/ISIC_0024306.jpg").unwrap();
-        let embed = || registry.embed("t", image.clone(), EmbeddingFormat::None);
-        PANICS_TO_INJECT.store(1, Ordering::SeqCst);
+        let embed = || registry.embed("panics", image.clone(), EmbeddingFormat::None);
+        PANICS_TO_INJECT.set("panics", 1);
         assert!(matches!(embed().await, Err(Error::Internal(_))));
         assert!(embed().await.is_ok(), "the model serves on after a panic");
-        PANICS_TO_INJECT.store(MAX_PANICS_IN_A_ROW, Ordering::SeqCst);
+        PANICS_TO_INJECT.set("panics", MAX_PANICS_IN_A_ROW);
         // Sent at once: those queued behind the failing ones never ran, and are UNAVAILABLE.
         let all = futures::future::join_all((0..MAX_PANICS_IN_A_ROW + 2).map(|_| embed())).await;
         for (i, r) in all.iter().enumerate() {
@@ -687,12 +704,12 @@ mod tests {
         }
         // The last reply is sent as its command unwinds, just before the thread marks the model.
         for _ in 0..100 {
-            if registry.get("t").unwrap().state == ModelState::Failed {
+            if registry.get("panics").unwrap().state == ModelState::Failed {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        assert_eq!(registry.get("t").unwrap().state, ModelState::Failed);
+        assert_eq!(registry.get("panics").unwrap().state, ModelState::Failed);
         assert!(matches!(embed().await, Err(Error::Unavailable(m)) if m.contains("in a row")));
     }
 }
