@@ -140,32 +140,54 @@ fn header(bytes: &[u8], field: &str, max_pixels: u64) -> Result<(ImageFormat, u3
         // The JPEG decoder fills a cut-off scan with grey instead of failing: catch it here.
         return Err(invalid(field, "truncated JPEG image: no end-of-image marker after the first scan"));
     }
+    if format == ImageFormat::Jpeg {
+        let scans = jpeg_scans(bytes);
+        if scans > MAX_JPEG_SCANS {
+            return Err(invalid(field, format!("JPEG image has {scans} scans, over the limit of {MAX_JPEG_SCANS} (each scan is another pass over the image)")));
+        }
+    }
     Ok((format, w, h))
 }
 
-/// True when an EOI marker (FF D9) follows the first start-of-scan marker (FF DA), found by
-/// walking the header's segments (an FF DA in trailing bytes after a complete image, or in an
-/// EXIF thumbnail, does not count). Neither marker occurs inside entropy-coded data, where 0xFF
-/// bytes are stuffed.
-fn jpeg_has_end_marker(bytes: &[u8]) -> bool {
+/// Most scans a JPEG may have. A progressive JPEG can hold thousands of tiny scans, each of which
+/// makes libjpeg pass over the whole image again (the "JPEG bomb" that libjpeg-turbo's scan limit
+/// guards against): a small file, minutes of decoding. Encoders write 1-3 scans for a baseline
+/// image and about 10 for a progressive one.
+pub const MAX_JPEG_SCANS: usize = 100;
+
+/// The offset of the first start-of-scan marker (FF DA), found by walking the header's segments
+/// (an FF DA in an EXIF thumbnail does not count).
+fn jpeg_first_scan(bytes: &[u8]) -> Option<usize> {
     let mut i = 2; // after SOI
-    let sos = loop {
+    loop {
         // Fill bytes (any number of FF) may precede a marker.
         while i < bytes.len() && bytes[i] == 0xFF && bytes.get(i + 1) == Some(&0xFF) {
             i += 1;
         }
         match (bytes.get(i), bytes.get(i + 1)) {
-            (Some(0xFF), Some(0xDA)) => break i,
+            (Some(0xFF), Some(0xDA)) => return Some(i),
             // Markers without a length: TEM and RSTn.
             (Some(0xFF), Some(m)) if *m == 0x01 || (0xD0..=0xD7).contains(m) => i += 2,
             (Some(0xFF), Some(_)) => match (bytes.get(i + 2), bytes.get(i + 3)) {
                 (Some(&hi), Some(&lo)) => i += 2 + usize::from(u16::from_be_bytes([hi, lo])),
-                _ => return false,
+                _ => return None,
             },
-            _ => return false,
+            _ => return None,
         }
-    };
-    bytes[sos..].windows(2).any(|w| w == [0xFF, 0xD9])
+    }
+}
+
+/// True when an EOI marker (FF D9) follows the first start-of-scan marker (an FF DA in trailing
+/// bytes after a complete image does not count). Neither marker occurs inside entropy-coded
+/// data, where 0xFF bytes are stuffed.
+fn jpeg_has_end_marker(bytes: &[u8]) -> bool {
+    jpeg_first_scan(bytes).is_some_and(|sos| bytes[sos..].windows(2).any(|w| w == [0xFF, 0xD9]))
+}
+
+/// Start-of-scan markers from the first one on (entropy-coded data cannot hold one; a table
+/// segment between scans could, by chance, which only counts a scan too many).
+fn jpeg_scans(bytes: &[u8]) -> usize {
+    jpeg_first_scan(bytes).map_or(0, |sos| bytes[sos..].windows(2).filter(|w| *w == [0xFF, 0xDA]).count())
 }
 
 #[cfg(test)]
@@ -271,6 +293,40 @@ mod tests {
             Err(crate::Error::InvalidArgument { message, .. }) => assert!(message.contains("4000x4000 to libjpeg but 16x16"), "{message}"),
             other => panic!("not refused: {:?}", other.map(|i| i.dimensions())),
         }
+    }
+
+    #[test]
+    fn a_jpeg_with_more_scans_than_the_limit_is_refused_before_decoding() {
+        // The shipped progressive fixture, as an encoder writes one, decodes.
+        let progressive = std::fs::read("tests/fixtures/images/jpeg/progressive.jpg").unwrap();
+        let n = jpeg_scans(&progressive);
+        assert!(n > 3 && n <= MAX_JPEG_SCANS, "{n} scans");
+        assert!(decode_rgb(&progressive, "image", u64::MAX).is_ok());
+        // The same image with its last scan repeated past the limit, as a "JPEG bomb" would.
+        let last = progressive.windows(2).rposition(|w| w == [0xFF, 0xDA]).unwrap();
+        let eoi = progressive.len() - 2;
+        let mut bomb = progressive[..eoi].to_vec();
+        for _ in 0..MAX_JPEG_SCANS + 1 - n {
+            bomb.extend(&progressive[last..eoi]);
+        }
+        bomb.extend([0xFF, 0xD9]);
+        assert_eq!(jpeg_scans(&bomb), MAX_JPEG_SCANS + 1);
+        match decode_rgb(&bomb, "image", u64::MAX) {
+            Err(crate::Error::InvalidArgument { field, message }) => {
+                assert_eq!(field, "image");
+                assert!(message.contains("101 scans, over the limit of 100"), "{message}");
+            }
+            other => panic!("not refused: {:?}", other.map(|i| i.dimensions())),
+        }
+        // One scan fewer is within the limit: the repeated scans decode (libjpeg only warns).
+        let mut within = progressive[..eoi].to_vec();
+        for _ in 0..MAX_JPEG_SCANS - n {
+            within.extend(&progressive[last..eoi]);
+        }
+        within.extend([0xFF, 0xD9]);
+        assert_eq!(jpeg_scans(&within), MAX_JPEG_SCANS);
+        let decoded = decode_rgb(&within, "image", u64::MAX);
+        assert!(decoded.is_ok(), "{:?}", decoded.err());
     }
 
     #[test]
