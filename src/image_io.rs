@@ -136,12 +136,13 @@ fn header(bytes: &[u8], field: &str, max_pixels: u64) -> Result<(ImageFormat, u3
     if pixels > max_pixels {
         return Err(invalid(field, format!("image is {w}x{h} = {pixels} pixels, over the limit of {max_pixels}")));
     }
-    if format == ImageFormat::Jpeg && !jpeg_has_end_marker(bytes) {
-        // The JPEG decoder fills a cut-off scan with grey instead of failing: catch it here.
-        return Err(invalid(field, "truncated JPEG image: no end-of-image marker after the first scan"));
-    }
     if format == ImageFormat::Jpeg {
-        let scans = jpeg_scans(bytes);
+        let data = jpeg_scan_data(bytes);
+        if !jpeg_has_end_marker(data) {
+            // The JPEG decoder fills a cut-off scan with grey instead of failing: catch it here.
+            return Err(invalid(field, "truncated JPEG image: no end-of-image marker after the first scan"));
+        }
+        let scans = jpeg_scans(data);
         if scans > MAX_JPEG_SCANS {
             return Err(invalid(field, format!("JPEG image has {scans} scans, over the limit of {MAX_JPEG_SCANS} (each scan is another pass over the image)")));
         }
@@ -177,17 +178,23 @@ fn jpeg_first_scan(bytes: &[u8]) -> Option<usize> {
     }
 }
 
-/// True when an EOI marker (FF D9) follows the first start-of-scan marker (an FF DA in trailing
-/// bytes after a complete image does not count). Neither marker occurs inside entropy-coded
-/// data, where 0xFF bytes are stuffed.
-fn jpeg_has_end_marker(bytes: &[u8]) -> bool {
-    jpeg_first_scan(bytes).is_some_and(|sos| bytes[sos..].windows(2).any(|w| w == [0xFF, 0xD9]))
+/// The bytes from the first start-of-scan marker on (empty without one): what
+/// [`jpeg_has_end_marker`] and [`jpeg_scans`] read, found by one walk.
+fn jpeg_scan_data(bytes: &[u8]) -> &[u8] {
+    jpeg_first_scan(bytes).map_or(&[], |sos| &bytes[sos..])
 }
 
-/// Start-of-scan markers from the first one on (entropy-coded data cannot hold one; a table
-/// segment between scans could, by chance, which only counts a scan too many).
-fn jpeg_scans(bytes: &[u8]) -> usize {
-    jpeg_first_scan(bytes).map_or(0, |sos| bytes[sos..].windows(2).filter(|w| *w == [0xFF, 0xDA]).count())
+/// True when an EOI marker (FF D9) follows the first start-of-scan marker (an FF DA in trailing
+/// bytes after a complete image does not count); `data` is [`jpeg_scan_data`]'s. Neither marker
+/// occurs inside entropy-coded data, where 0xFF bytes are stuffed.
+fn jpeg_has_end_marker(data: &[u8]) -> bool {
+    data.windows(2).any(|w| w == [0xFF, 0xD9])
+}
+
+/// Start-of-scan markers in [`jpeg_scan_data`]'s `data` (entropy-coded data cannot hold one; a
+/// table segment between scans could, by chance, which only counts a scan too many).
+fn jpeg_scans(data: &[u8]) -> usize {
+    data.windows(2).filter(|w| *w == [0xFF, 0xDA]).count()
 }
 
 #[cfg(test)]
@@ -299,7 +306,7 @@ mod tests {
     fn a_jpeg_with_more_scans_than_the_limit_is_refused_before_decoding() {
         // The shipped progressive fixture, as an encoder writes one, decodes.
         let progressive = std::fs::read("tests/fixtures/images/jpeg/progressive.jpg").unwrap();
-        let n = jpeg_scans(&progressive);
+        let n = jpeg_scans(jpeg_scan_data(&progressive));
         assert!(n > 3 && n <= MAX_JPEG_SCANS, "{n} scans");
         assert!(decode_rgb(&progressive, "image", u64::MAX).is_ok());
         // The same image with its last scan repeated past the limit, as a "JPEG bomb" would.
@@ -310,7 +317,7 @@ mod tests {
             bomb.extend(&progressive[last..eoi]);
         }
         bomb.extend([0xFF, 0xD9]);
-        assert_eq!(jpeg_scans(&bomb), MAX_JPEG_SCANS + 1);
+        assert_eq!(jpeg_scans(jpeg_scan_data(&bomb)), MAX_JPEG_SCANS + 1);
         match decode_rgb(&bomb, "image", u64::MAX) {
             Err(crate::Error::InvalidArgument { field, message }) => {
                 assert_eq!(field, "image");
@@ -324,7 +331,7 @@ mod tests {
             within.extend(&progressive[last..eoi]);
         }
         within.extend([0xFF, 0xD9]);
-        assert_eq!(jpeg_scans(&within), MAX_JPEG_SCANS);
+        assert_eq!(jpeg_scans(jpeg_scan_data(&within)), MAX_JPEG_SCANS);
         let decoded = decode_rgb(&within, "image", u64::MAX);
         assert!(decoded.is_ok(), "{:?}", decoded.err());
     }
@@ -332,13 +339,13 @@ mod tests {
     #[test]
     fn a_complete_jpeg_with_trailing_bytes_is_not_taken_for_a_truncated_one() {
         let mut j = jpeg(16, 16);
-        assert!(jpeg_has_end_marker(&j));
+        assert!(jpeg_has_end_marker(jpeg_scan_data(&j)));
         // Trailing bytes that hold a start-of-scan marker but no end marker after it.
         j.extend([0x00, 0xFF, 0xDA, 0x12]);
-        assert!(jpeg_has_end_marker(&j));
+        assert!(jpeg_has_end_marker(jpeg_scan_data(&j)));
         assert!(decode_rgb(&j, "image", u64::MAX).is_ok());
         // Cut inside the scan: refused.
         let j = jpeg(16, 16);
-        assert!(!jpeg_has_end_marker(&j[..j.len() - 10]));
+        assert!(!jpeg_has_end_marker(jpeg_scan_data(&j[..j.len() - 10])));
     }
 }
