@@ -96,6 +96,10 @@ enum Command {
         max_logit_diff: f64,
         #[arg(long, default_value_t = 0.999)]
         min_mask_iou: f64,
+        /// How large CPU products run: auto (timed), matmul or conv (settings `cpu_products`);
+        /// the two routes take different attention code, so parity is checked on each.
+        #[arg(long, default_value = "auto")]
+        cpu_products: skinsam::model::common::CpuProducts,
     },
     /// Convert a checkpoint (.pth or .safetensors) to safetensors, checked strictly against the variant.
     Convert {
@@ -540,7 +544,8 @@ fn main() -> anyhow::Result<()> {
         Command::Segment { image, model, r#box, point, out, multimask, client } => {
             skinsam::cli::segment(&client.conn(), &model, &image, r#box, &point, multimask, &out)?
         }
-        Command::Parity { golden, device, precision, max_logit_diff, min_mask_iou } => {
+        Command::Parity { golden, device, precision, max_logit_diff, min_mask_iou, cpu_products } => {
+            skinsam::model::common::set_cpu_products(cpu_products);
             let device = parse_device(&device)?;
             let t = Instant::now();
             let r = parity::check_golden(&golden, device, precision)?;

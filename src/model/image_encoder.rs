@@ -3,7 +3,7 @@
 //! and a neck down to the prompt embedding width.
 
 use super::common::{linear, Activation, LayerNorm2d, MlpBlock};
-use super::rel_pos_softmax::bias_softmax_bf16_;
+use super::rel_pos_softmax::{bias_softmax_bf16_, bias_softmax_f32_cols_, bias_softmax_f32_rows_};
 use super::variant::SamConfig;
 use std::sync::Mutex;
 use tch::nn;
@@ -104,8 +104,9 @@ const QUERIES_PER_CHUNK: i64 = 256;
 /// softmax(q k^T * scale + rel_h + rel_w) v, a few image rows of queries at a time. The fused
 /// kernel needs the bias as a full (heads, N, N) mask: 805 MB for vit_b's global blocks, whose
 /// writing and reading cost as much as the attention itself on a CPU. Here the decomposed bias
-/// is added to each chunk's logits while they are in cache: for bf16 on an AVX-512 CPU together
-/// with the softmax, one query row at a time ([`bias_softmax_bf16_`]), otherwise in place.
+/// is added to each chunk's logits while they are in cache, together with the softmax, one
+/// query row at a time: for bf16 on an AVX-512 CPU ([`bias_softmax_bf16_`]), for fp32 on an
+/// AVX2 one ([`bias_softmax_f32_rows_`]); otherwise in place, then libtorch's softmax.
 ///
 /// q, k, v: (BH, N, C) with N = h * w; rel_h: (BH, h, w, h); rel_w: (BH, h, w, w).
 fn chunked_rel_pos_attention(q: &Tensor, k: &Tensor, v: &Tensor, rel_h: &Tensor, rel_w: &Tensor, scale: f64) -> Tensor {
@@ -125,7 +126,8 @@ fn chunked_rel_pos_attention(q: &Tensor, k: &Tensor, v: &Tensor, rel_h: &Tensor,
             let r = rows.min(h - r0);
             let mut logits = qi.narrow(0, r0 * w, r * w).matmul(&kt);
             let (rh_chunk, rw_chunk) = (rh.narrow(0, r0, r), rw.narrow(0, r0, r));
-            let probs = if bias_softmax_bf16_(&mut logits, &rh_chunk.reshape([r * w, h]), &rw_chunk.reshape([r * w, w])) {
+            let (rh_rows, rw_rows) = (rh_chunk.reshape([r * w, h]), rw_chunk.reshape([r * w, w]));
+            let probs = if bias_softmax_bf16_(&mut logits, &rh_rows, &rw_rows) || bias_softmax_f32_rows_(&mut logits, &rh_rows, &rw_rows) {
                 logits
             } else {
                 let mut logits = logits.view([r, w, h, w]);
@@ -202,7 +204,8 @@ fn by_heads(q: &Tensor, k: &Tensor, v: &Tensor, rel_h: &Tensor, rel_w: &Tensor, 
 /// ([`super::common::products_as_conv`]), with both products as 1x1 convolutions (oneDNN)
 /// instead of matrix products (MKL, which on the AMD build machine ran at about half the
 /// speed). Each chunk's logits come out transposed, keys x queries: the keys are the convolution's pixels and the chunk's queries its filters.
-/// The bias is added and the softmax taken over the keys in that layout, and the transposed
+/// The bias is added and the softmax taken over the keys in that layout (fused, eight queries at
+/// a time, on AVX2 CPUs: [`bias_softmax_f32_cols_`]), and the transposed
 /// probabilities are the next convolution's input as they are (keys as channels). A vit_b head
 /// chunk took 1.31 ms this way against 1.76 ms.
 fn chunked_rel_pos_attention_transposed(q: &Tensor, k: &Tensor, v: &Tensor, rel_h: &Tensor, rel_w: &Tensor, scale: f64) -> Tensor {
@@ -224,11 +227,16 @@ fn chunked_rel_pos_attention_transposed(q: &Tensor, k: &Tensor, v: &Tensor, rel_
             // (1, m, 1, N) channels-last: memory laid out (N, m), keys (kh, kw) by queries.
             let logits = keys.conv2d(&filters, None::<Tensor>, [1, 1], [0, 0], [1, 1], 1);
             let mut lt = logits.permute([0, 2, 3, 1]).reshape([h, w, m]);
-            let bias_h = rh.narrow(0, r0, r).reshape([m, h]).transpose(0, 1).contiguous().unsqueeze(1); // (h, 1, m)
-            let bias_w = rw.narrow(0, r0, r).reshape([m, w]).transpose(0, 1).contiguous().unsqueeze(0); // (1, w, m)
-            let _ = lt.g_add_(&bias_h);
-            let _ = lt.g_add_(&bias_w);
-            let probs = lt.view([n, m]).softmax(0, Kind::Float);
+            let bias_h = rh.narrow(0, r0, r).reshape([m, h]).transpose(0, 1).contiguous(); // (h, m)
+            let bias_w = rw.narrow(0, r0, r).reshape([m, w]).transpose(0, 1).contiguous(); // (w, m)
+            let mut keys_by_queries = lt.view([n, m]);
+            let probs = if bias_softmax_f32_cols_(&mut keys_by_queries, &bias_h, &bias_w) {
+                keys_by_queries
+            } else {
+                let _ = lt.g_add_(&bias_h.unsqueeze(1));
+                let _ = lt.g_add_(&bias_w.unsqueeze(0));
+                lt.view([n, m]).softmax(0, Kind::Float)
+            };
             // Keys as the channels of m pixels: (1, N, 1, m) -> (1, d, 1, m).
             let out = probs.view([1, n, 1, m]).conv2d(&values, None::<Tensor>, [1, 1], [0, 0], [1, 1], 1);
             chunks.push(out.view([d, m]));

@@ -1,12 +1,18 @@
-//! The global attention's bias-and-softmax step for bf16 on AVX-512 CPUs, fused into one pass
-//! per query row.
+//! The global attention's bias-and-softmax step, fused into one pass over each query's logits
+//! while they are in cache.
 //!
-//! For each query row of a chunk, libtorch needs three passes over the chunk's bf16 logits (add
-//! the relative-position term of the key's row, add that of its column, softmax), each one
-//! reading and writing the whole 2 MiB chunk and rounding to bf16 in between: 0.74 of a vit_b
-//! head chunk's 1.55 ms on the 2-core build machine, more than the chunk's two matrix products.
-//! Here one 4096-key row (8 KiB) at a time stays in L1 while it is biased, exponentiated and
-//! normalised, in fp32, and is rounded to bf16 once.
+//! bf16 on AVX-512 CPUs: for each query row of a chunk, libtorch needs three passes over the
+//! chunk's bf16 logits (add the relative-position term of the key's row, add that of its column,
+//! softmax), each one reading and writing the whole 2 MiB chunk and rounding to bf16 in between:
+//! 0.74 of a vit_b head chunk's 1.55 ms on the 2-core build machine, more than the chunk's two
+//! matrix products. Here one 4096-key row (8 KiB) at a time stays in L1 while it is biased,
+//! exponentiated and normalised, in fp32, and is rounded to bf16 once.
+//!
+//! fp32 on AVX2 CPUs (every x86-64 SAM runs on in practice): the same step in both layouts the
+//! attention uses, query rows ([`bias_softmax_f32_rows_`], products as matrix products) and keys
+//! as rows ([`bias_softmax_f32_cols_`], products as 1x1 convolutions). libtorch's two broadcast
+//! additions and its softmax over the keys, which in the second layout is a strided one, were
+//! about 14% of a vit_b fp32 embedding on the AVX2 build machine (`perf`).
 
 use tch::{Device, Kind, Tensor};
 
@@ -64,6 +70,98 @@ pub fn bias_softmax_bf16_(logits: &mut Tensor, rel_h: &Tensor, rel_w: &Tensor) -
     };
     rows(out, rh, rw);
     true
+}
+
+/// fp32, one query per row: `logits` (M, h * w) <- softmax(logits + rel_h[:, key row] +
+/// rel_w[:, key column]) over the last axis, in place; rel_h is (M, h), rel_w (M, w). Returns
+/// false (leaving `logits` untouched) where this path does not apply: not fp32 on the CPU, not
+/// contiguous, tracked by autograd, shapes that do not agree, a row width that is not a multiple
+/// of 8, or a CPU without AVX2 and FMA; the caller then takes libtorch's ops.
+pub fn bias_softmax_f32_rows_(logits: &mut Tensor, rel_h: &Tensor, rel_w: &Tensor) -> bool {
+    let (Ok((m, n)), Ok((mh, h)), Ok((mw, w))) = (logits.size2(), rel_h.size2(), rel_w.size2()) else {
+        return false;
+    };
+    let applies = mh == m && mw == m && n == h * w && h > 0 && w > 0 && w % AVX2_LANES == 0;
+    let Some((out, rh, rw)) = f32_slices(applies, logits, rel_h, rel_w) else {
+        return false;
+    };
+    let (h, w) = (h as usize, w as usize);
+    for ((row, rh), rw) in out.chunks_exact_mut(h * w).zip(rh.chunks_exact(h)).zip(rw.chunks_exact(w)) {
+        // SAFETY: AVX2 and FMA were detected (f32_slices); the lengths are the kernel's.
+        unsafe { avx2::bias_softmax_row(row, rh, rw) };
+    }
+    true
+}
+
+/// fp32, one key per row: `logits` (h * w, M), keys row-major on the h x w grid by M queries,
+/// <- softmax over the keys (axis 0) of logits + bias_h[key row, :] + bias_w[key column, :], in
+/// place; bias_h is (h, M), bias_w (w, M). Declines as [`bias_softmax_f32_rows_`] does, with M
+/// (not w) the width that must be a multiple of 8.
+pub fn bias_softmax_f32_cols_(logits: &mut Tensor, bias_h: &Tensor, bias_w: &Tensor) -> bool {
+    let (Ok((n, m)), Ok((h, mh)), Ok((w, mw))) = (logits.size2(), bias_h.size2(), bias_w.size2()) else {
+        return false;
+    };
+    let applies = mh == m && mw == m && n == h * w && h > 0 && w > 0 && m % AVX2_LANES == 0;
+    let Some((out, bh, bw)) = f32_slices(applies, logits, bias_h, bias_w) else {
+        return false;
+    };
+    // SAFETY: AVX2 and FMA were detected (f32_slices); the lengths are the kernel's.
+    unsafe { avx2::bias_softmax_cols(out, bh, bw, m as usize) };
+    true
+}
+
+/// The three tensors as slices when the fp32 kernels apply: `shapes_ok` (checked by the caller),
+/// all fp32 contiguous CPU tensors outside autograd, the output overlapping neither bias, and a
+/// CPU with AVX2 and FMA. None for an empty output too (nothing to do, but also nothing done:
+/// the caller's ops handle it).
+#[allow(clippy::type_complexity)]
+fn f32_slices<'a>(
+    shapes_ok: bool,
+    out: &'a mut Tensor,
+    a: &'a Tensor,
+    b: &'a Tensor,
+) -> Option<(&'a mut [f32], &'a [f32], &'a [f32])> {
+    let fits = |t: &Tensor| t.device() == Device::Cpu && t.kind() == Kind::Float && t.is_contiguous() && !t.requires_grad();
+    if !(shapes_ok && fits(out) && fits(a) && fits(b) && avx2_fma_available()) {
+        return None;
+    }
+    let len = |t: &Tensor| t.size().iter().product::<i64>() as usize;
+    let (n_out, n_a, n_b) = (len(out), len(a), len(b));
+    if n_out == 0 {
+        return None;
+    }
+    let range = |t: &Tensor, len: usize| {
+        let start = t.data_ptr() as usize;
+        start..start + 4 * len
+    };
+    let out_range = range(out, n_out);
+    if [range(a, n_a), range(b, n_b)].iter().any(|r| r.start < out_range.end && out_range.start < r.end) {
+        return None;
+    }
+    // SAFETY: contiguous fp32 CPU tensors of these element counts (data_ptr includes the storage
+    // offset); the mutable slice overlaps neither of the others (checked above), and the
+    // borrows keep the tensors alive for the slices' lifetime.
+    unsafe {
+        Some((
+            std::slice::from_raw_parts_mut(out.data_ptr() as *mut f32, n_out),
+            std::slice::from_raw_parts(a.data_ptr() as *const f32, n_a),
+            std::slice::from_raw_parts(b.data_ptr() as *const f32, n_b),
+        ))
+    }
+}
+
+/// fp32 lanes per AVX2 register.
+const AVX2_LANES: i64 = 8;
+
+fn avx2_fma_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
 }
 
 /// fp32 lanes per AVX-512 register.
@@ -170,6 +268,135 @@ mod avx512 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// e^x for x <= 0, as [`super::avx512`]'s (Cephes' expf), with 2^n built in the exponent
+    /// bits. x is clamped at -87 first, so n >= -126 and e^x stays a normal float. A NaN passes
+    /// the clamp (the constant is the first operand, which `max` gives back only for a number)
+    /// and comes out NaN, so a NaN logit spoils its softmax as it does in libtorch.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn exp_nonpositive(x: __m256) -> __m256 {
+        let x = _mm256_max_ps(_mm256_set1_ps(-87.0), x);
+        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
+            x,
+            _mm256_set1_ps(std::f32::consts::LOG2_E),
+        ));
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+        let mut p = _mm256_set1_ps(1.987_569_1e-4);
+        for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+        }
+        let r2 = _mm256_mul_ps(r, r);
+        let e = _mm256_add_ps(_mm256_fmadd_ps(p, r2, r), _mm256_set1_ps(1.0));
+        let scale = _mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)));
+        _mm256_mul_ps(e, _mm256_castsi256_ps(scale))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn reduce_max(v: __m256) -> f32 {
+        let m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps::<1>(m, m)))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn reduce_add(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
+    }
+
+    /// One query row in place: `row` (h * w logits) <- softmax(row + rh[key row] + rw[key
+    /// column]); the row (16 KiB for SAM's 64 x 64 grid) stays in L1 through the three passes.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn bias_softmax_row(row: &mut [f32], rh: &[f32], rw: &[f32]) {
+        let (h, w) = (rh.len(), rw.len());
+        debug_assert!(row.len() == h * w && w % 8 == 0);
+        let (rp, wp) = (row.as_mut_ptr(), rw.as_ptr());
+        let mut vmax = _mm256_set1_ps(f32::NEG_INFINITY);
+        for (kh, &bias_h) in rh.iter().enumerate() {
+            let bias_h = _mm256_set1_ps(bias_h);
+            for j in (0..w).step_by(8) {
+                // SAFETY: kh * w + j + 8 <= h * w = row.len(), and j + 8 <= w = rw.len().
+                unsafe {
+                    let p = rp.add(kh * w + j);
+                    let s = _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(p), bias_h), _mm256_loadu_ps(wp.add(j)));
+                    _mm256_storeu_ps(p, s);
+                    vmax = _mm256_max_ps(vmax, s);
+                }
+            }
+        }
+        let max = _mm256_set1_ps(reduce_max(vmax));
+        let mut vsum = _mm256_setzero_ps();
+        for i in (0..h * w).step_by(8) {
+            // SAFETY: i + 8 <= row.len().
+            unsafe {
+                let e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(rp.add(i)), max));
+                _mm256_storeu_ps(rp.add(i), e);
+                vsum = _mm256_add_ps(vsum, e);
+            }
+        }
+        let inv = _mm256_set1_ps(1.0 / reduce_add(vsum));
+        for i in (0..h * w).step_by(8) {
+            // SAFETY: i + 8 <= row.len().
+            unsafe { _mm256_storeu_ps(rp.add(i), _mm256_mul_ps(_mm256_loadu_ps(rp.add(i)), inv)) };
+        }
+    }
+
+    /// Keys as rows, in place: `lt` (h * w keys by m queries) <- its softmax over the keys, each
+    /// key (kh, kw) biased by bh[kh, :] + bw[kw, :]. Eight queries (one vector's worth of
+    /// columns) go through the three passes at a time, so only their 32 bytes of each key row
+    /// (128 KiB for 4096 keys, in L2) are touched until they are done, and the running max and
+    /// sum stay in registers.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn bias_softmax_cols(lt: &mut [f32], bh: &[f32], bw: &[f32], m: usize) {
+        let (h, w) = (bh.len() / m, bw.len() / m);
+        let n = h * w;
+        debug_assert!(lt.len() == n * m && bh.len() == h * m && bw.len() == w * m && m % 8 == 0);
+        let (lp, hp, wp) = (lt.as_mut_ptr(), bh.as_ptr(), bw.as_ptr());
+        for q in (0..m).step_by(8) {
+            let mut vmax = _mm256_set1_ps(f32::NEG_INFINITY);
+            for kh in 0..h {
+                // SAFETY: kh * m + q + 8 <= h * m = bh.len().
+                let bias_h = unsafe { _mm256_loadu_ps(hp.add(kh * m + q)) };
+                for kw in 0..w {
+                    // SAFETY: (kh * w + kw) * m + q + 8 <= n * m = lt.len(); kw * m + q + 8 <= bw.len().
+                    unsafe {
+                        let p = lp.add((kh * w + kw) * m + q);
+                        let s = _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(p), bias_h), _mm256_loadu_ps(wp.add(kw * m + q)));
+                        _mm256_storeu_ps(p, s);
+                        vmax = _mm256_max_ps(vmax, s);
+                    }
+                }
+            }
+            let mut vsum = _mm256_setzero_ps();
+            for k in 0..n {
+                // SAFETY: k * m + q + 8 <= n * m.
+                unsafe {
+                    let p = lp.add(k * m + q);
+                    let e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(p), vmax));
+                    _mm256_storeu_ps(p, e);
+                    vsum = _mm256_add_ps(vsum, e);
+                }
+            }
+            let inv = _mm256_div_ps(_mm256_set1_ps(1.0), vsum);
+            for k in 0..n {
+                // SAFETY: k * m + q + 8 <= n * m.
+                unsafe {
+                    let p = lp.add(k * m + q);
+                    _mm256_storeu_ps(p, _mm256_mul_ps(_mm256_loadu_ps(p), inv));
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -233,5 +460,85 @@ mod tests {
         // Tracked by autograd: writing in place would corrupt the graph.
         let mut tracked = Tensor::ones([2, 64], bf).set_requires_grad(true);
         assert!(!bias_softmax_bf16_(&mut tracked, &rel_h, &Tensor::zeros([2, 16], bf)));
+    }
+
+    #[test]
+    fn fp32_kernels_match_libtorch_in_both_layouts() {
+        if !avx2_fma_available() {
+            eprintln!("no AVX2/FMA on this CPU: the fp32 kernels are never taken, nothing to compare");
+            return;
+        }
+        tch::manual_seed(11);
+        let f = (Kind::Float, Device::Cpu);
+        for (m, h, w) in [(8, 5, 16), (256, 64, 64), (16, 3, 40), (24, 7, 8)] {
+            // Wide logits, so that keys below the clamp at -87 in e^x are exercised too.
+            let logits = Tensor::randn([m, h * w], f) * 12.0;
+            let rel_h = Tensor::randn([m, h], f);
+            let rel_w = Tensor::randn([m, w], f);
+            let want = reference(&logits, &rel_h, &rel_w);
+            let close = |got: &Tensor, what: &str| {
+                let abs = (got - &want).abs().max().double_value(&[]);
+                // A few float roundings: e^x within about 1e-7 relative, and the 4096-term sum
+                // taken in another order than libtorch's.
+                assert!(abs <= 4e-6, "{what} ({m}, {h}, {w}): max abs error {abs}");
+                let off = (got.sum_dim_intlist(-1, false, Kind::Float) - 1.0).abs().max().double_value(&[]);
+                assert!(off < 1e-5, "{what}: rows sum to 1, off by {off}");
+            };
+            let mut rows = logits.copy();
+            assert!(bias_softmax_f32_rows_(&mut rows, &rel_h, &rel_w), "rows apply to ({m}, {h}, {w})");
+            close(&rows, "rows");
+            // The same logits with keys as rows and the biases transposed to (h, M) and (w, M).
+            let mut cols = logits.transpose(0, 1).contiguous();
+            let (bias_h, bias_w) = (rel_h.transpose(0, 1).contiguous(), rel_w.transpose(0, 1).contiguous());
+            assert!(bias_softmax_f32_cols_(&mut cols, &bias_h, &bias_w), "cols apply to ({m}, {h}, {w})");
+            close(&cols.transpose(0, 1), "cols");
+        }
+    }
+
+    #[test]
+    fn fp32_kernels_let_a_nan_through_as_libtorch_does() {
+        if !avx2_fma_available() {
+            return;
+        }
+        let f = (Kind::Float, Device::Cpu);
+        let (m, h, w) = (8, 2, 8);
+        let mut logits = Tensor::zeros([m, h * w], f);
+        let _ = logits.get(3).get(5).fill_(f64::NAN);
+        let zeros = |n| Tensor::zeros([m, n], f);
+        let mut rows = logits.copy();
+        assert!(bias_softmax_f32_rows_(&mut rows, &zeros(h), &zeros(w)));
+        let mut cols = logits.transpose(0, 1).contiguous();
+        assert!(bias_softmax_f32_cols_(&mut cols, &zeros(h).transpose(0, 1).contiguous(), &zeros(w).transpose(0, 1).contiguous()));
+        for (got, what) in [(rows, "rows"), (cols.transpose(0, 1), "cols")] {
+            let nan_rows = got.isnan().any_dim(-1, false);
+            let want = Tensor::from_slice(&[false, false, false, true, false, false, false, false]);
+            assert!(nan_rows.equal(&want), "{what}: only the row with the NaN is NaN: {nan_rows:?}");
+            let rest = got.get(0).double_value(&[0]);
+            assert!((rest - 1.0 / 16.0).abs() < 1e-7, "{what}: a clean row is uniform: {rest}");
+        }
+    }
+
+    #[test]
+    fn fp32_kernels_decline_what_they_cannot_do() {
+        let f = (Kind::Float, Device::Cpu);
+        // Row width (rows) or query count (cols) not a multiple of 8.
+        let mut odd = Tensor::ones([2, 4 * 10], f);
+        assert!(!bias_softmax_f32_rows_(&mut odd, &Tensor::zeros([2, 4], f), &Tensor::zeros([2, 10], f)));
+        assert_eq!(odd.sum(Kind::Float).double_value(&[]), 80.0);
+        let mut odd_cols = Tensor::ones([4 * 8, 6], f);
+        assert!(!bias_softmax_f32_cols_(&mut odd_cols, &Tensor::zeros([4, 6], f), &Tensor::zeros([8, 6], f)));
+        // bf16, shapes that do not agree, a non-contiguous output.
+        let bf = (Kind::BFloat16, Device::Cpu);
+        assert!(!bias_softmax_f32_rows_(&mut Tensor::ones([2, 64], bf), &Tensor::zeros([2, 4], bf), &Tensor::zeros([2, 16], bf)));
+        assert!(!bias_softmax_f32_rows_(&mut Tensor::ones([2, 64], f), &Tensor::zeros([2, 4], f), &Tensor::zeros([3, 16], f)));
+        let mut strided = Tensor::ones([64, 2], f).transpose(0, 1);
+        assert!(!bias_softmax_f32_rows_(&mut strided, &Tensor::zeros([2, 4], f), &Tensor::zeros([2, 16], f)));
+        // A bias that aliases the output; an output tracked by autograd.
+        let mut shared = Tensor::ones([2, 64], f);
+        let view = shared.view([-1]).narrow(0, 0, 32).view([2, 16]);
+        assert!(!bias_softmax_f32_rows_(&mut shared, &Tensor::zeros([2, 4], f), &view), "rel_w aliases the logits");
+        assert_eq!(shared.sum(Kind::Float).double_value(&[]), 128.0);
+        let mut tracked = Tensor::ones([2, 64], f).set_requires_grad(true);
+        assert!(!bias_softmax_f32_rows_(&mut tracked, &Tensor::zeros([2, 4], f), &Tensor::zeros([2, 16], f)));
     }
 }
