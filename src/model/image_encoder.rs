@@ -67,7 +67,10 @@ impl Attention {
             .reshape([b, heads, n, head_dim])
         } else {
             // Windows: fused attention with the bias as the additive mask (small: 196 x 196).
-            let bias = (rel_h.unsqueeze(-1) + rel_w.unsqueeze(-2)).reshape([b, heads, n, n]);
+            let (rows, kh, kw) = (b * heads * n, rel_h.size()[3], rel_w.size()[3]);
+            let bias = super::window_ops::outer_sum(&rel_h.reshape([rows, kh]), &rel_w.reshape([rows, kw]))
+                .unwrap_or_else(|| rel_h.unsqueeze(-1) + rel_w.unsqueeze(-2))
+                .reshape([b, heads, n, n]);
             Tensor::scaled_dot_product_attention(&q, &k, &v, Some(&bias), 0.0, false, scale, false)
         };
         out.permute([0, 2, 1, 3]).reshape([b, h, w, c])
@@ -82,16 +85,20 @@ impl Attention {
         let (b, h, w, _) = x.size4().expect("BHWC");
         let qkv = linear(x, &self.qkv);
         let (pad_h, pad_w) = ((ws - h % ws) % ws, (ws - w % ws) % ws);
-        let qkv = if pad_h > 0 || pad_w > 0 {
-            let bias = self.qkv.bs.as_ref().expect("SAM's qkv has a bias");
-            let c3 = bias.size()[0];
-            let padded = bias.view([1, 1, 1, c3]).expand([b, h + pad_h, w + pad_w, c3], false).contiguous();
-            padded.narrow(1, 0, h).narrow(2, 0, w).f_copy_(&qkv).expect("same shape");
-            padded
-        } else {
-            qkv
-        };
-        let (windows, pad_hw) = window_partition(&qkv, ws);
+        let bias = self.qkv.bs.as_ref().expect("SAM's qkv has a bias");
+        let pad_hw = (h + pad_h, w + pad_w);
+        // Padding and partitioning in one copy where it applies (CPU inference).
+        let windows = super::window_ops::partition_padded(&qkv, ws, bias).unwrap_or_else(|| {
+            let qkv = if pad_h > 0 || pad_w > 0 {
+                let c3 = bias.size()[0];
+                let padded = bias.view([1, 1, 1, c3]).expand([b, pad_hw.0, pad_hw.1, c3], false).contiguous();
+                padded.narrow(1, 0, h).narrow(2, 0, w).f_copy_(&qkv).expect("same shape");
+                padded
+            } else {
+                qkv
+            };
+            window_partition(&qkv, ws).0
+        });
         linear(&window_unpartition(&self.attend(&windows), ws, pad_hw, (h, w)), &self.proj)
     }
 }

@@ -9,6 +9,7 @@ pub mod prompt_encoder;
 mod rel_pos_softmax;
 pub mod transformer;
 pub mod variant;
+mod window_ops;
 
 pub use checkpoint::{Checkpoint, CheckpointError};
 pub use image_encoder::ImageEncoderViT;
