@@ -34,11 +34,12 @@ loadgen: env
 loadgen-decoders: env
 	scripts/loadgen_decoders.sh
 
-# Full-size vit_b parity with the official predictor (random weights), by hand: about 3 minutes.
+# Full-size vit_b parity with the official predictor (random weights), by hand, on the CPU with
+# each product route (they take different attention code): about 4 minutes.
 parity-vit-b: env
 	.venv/bin/python scripts/make_golden.py --variant vit_b --out target/golden-vit_b
-	cargo run --release -- parity --golden target/golden-vit_b --cpu-products matmul
-	cargo run --release -- parity --golden target/golden-vit_b --cpu-products conv
+	cargo run --release -- parity --golden target/golden-vit_b --device cpu --cpu-products matmul
+	cargo run --release -- parity --golden target/golden-vit_b --device cpu --cpu-products conv
 
 # The Helm chart: lint (strict), render each example values file, validate the manifests against
 # the Kubernetes schemas, and check that bad values are refused. Fetches helm into .tools/.

@@ -555,6 +555,10 @@ fn main() -> anyhow::Result<()> {
                 r.variant, precision, device, r.features_max_abs, r.low_res_max_abs, r.iou_max_abs, r.mask_iou_min,
                 r.resize_max_abs, 100.0 * r.resize_mismatch_fraction, t.elapsed().as_secs_f64()
             );
+            if device == tch::Device::Cpu {
+                let route = skinsam::model::common::route_taken(precision.kind()).unwrap_or("matmul");
+                eprintln!("CPU product route: {route}");
+            }
             if r.low_res_max_abs > max_logit_diff || r.mask_iou_min < min_mask_iou {
                 bail!("parity check failed (limits: logits {max_logit_diff}, mask IoU {min_mask_iou})");
             }

@@ -44,8 +44,7 @@ fn conv1x1(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
 /// (`scripts/bench_gemm_paths.py`): on the 2-core AMD EPYC VMs the convolution (fp32: 310-430
 /// against MKL's 160-200 GFLOP/s; bf16 3-10% faster), on the Intel Xeon VM with AMX the matrix
 /// product for bf16 (about 2,500 against 1,700 GFLOP/s) and for fp32 about even
-/// (`benchmarks/gemm-paths-cpu-*.jsonl`). `Auto` times both on the first use of each kind
-/// (fp32 keeps the matrix product unless the convolution is clearly faster: [`FP32_CONV_MARGIN`]).
+/// (`benchmarks/gemm-paths-cpu-*.jsonl`). `Auto` times both on the first use of each kind.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CpuProducts {
@@ -141,7 +140,7 @@ fn time_routes(kind: Kind) -> bool {
             conv = conv.min(pass(true));
             matmul = matmul.min(pass(false));
         }
-        let as_conv = prefer_conv(kind, conv, matmul);
+        let as_conv = conv < matmul;
         tracing::info!(
             kind = ?kind,
             conv_ms = conv.as_secs_f64() * 1e3,
@@ -151,21 +150,6 @@ fn time_routes(kind: Kind) -> bool {
         );
         as_conv
     })
-}
-
-/// How much faster (as a fraction) the convolution must time than the matrix product to be
-/// chosen for fp32. With matrix products the fp32 global attention takes the fused query-row
-/// kernel, which beat the keys-as-rows one of the convolution route by 0.4-0.6 s of a 6.5-7.3 s
-/// vit_b embedding on the AVX2 build machine (16th session, `scripts/ab_binaries.sh`), where the
-/// two routes timed within 2% of each other here; products are about 5.3 s of that embedding,
-/// so the convolution pays only when its products are about a tenth faster. bf16 takes the same
-/// attention code either way: no margin.
-const FP32_CONV_MARGIN: f64 = 0.10;
-
-/// `Auto`'s choice from the two timings of the MLP pair: true for the convolution.
-fn prefer_conv(kind: Kind, conv: Duration, matmul: Duration) -> bool {
-    let margin = if kind == Kind::Float { FP32_CONV_MARGIN } else { 0.0 };
-    conv.as_secs_f64() < matmul.as_secs_f64() * (1.0 - margin)
 }
 
 /// LayerNorm over the channel axis of an NCHW tensor (eps 1e-6, as in the official code).
@@ -294,18 +278,6 @@ mod tests {
         assert_eq!(route_taken(Kind::Half), None);
         assert_eq!("matmul".parse::<CpuProducts>(), Ok(CpuProducts::Matmul));
         assert!("fast".parse::<CpuProducts>().unwrap_err().contains("auto, matmul or conv"));
-    }
-
-    /// fp32 takes the convolution only when it times clearly faster (its attention is slower);
-    /// bf16 on any lead.
-    #[test]
-    fn auto_needs_a_clear_lead_for_the_fp32_convolution() {
-        let ms = Duration::from_millis;
-        assert!(!prefer_conv(Kind::Float, ms(107), ms(108)), "a 1% lead: matrix product");
-        assert!(!prefer_conv(Kind::Float, ms(95), ms(100)), "a 5% lead: matrix product");
-        assert!(prefer_conv(Kind::Float, ms(60), ms(100)), "the Zen 4 VM's lead: convolution");
-        assert!(prefer_conv(Kind::BFloat16, ms(99), ms(100)));
-        assert!(!prefer_conv(Kind::BFloat16, ms(101), ms(100)));
     }
 
     /// The 1x1-convolution route gives the linear layer's result, in the input's shape, for both

@@ -120,6 +120,12 @@ fn chunked_rel_pos_attention(q: &Tensor, k: &Tensor, v: &Tensor, rel_h: &Tensor,
     if q.device() == Device::Cpu && q.kind() == Kind::Float && super::common::products_as_conv(Kind::Float) {
         return chunked_rel_pos_attention_transposed(q, k, v, rel_h, rel_w, scale);
     }
+    chunked_rel_pos_attention_rows(q, k, v, rel_h, rel_w, scale)
+}
+
+/// [`chunked_rel_pos_attention`] with matrix products: each chunk's logits laid out queries by
+/// keys.
+fn chunked_rel_pos_attention_rows(q: &Tensor, k: &Tensor, v: &Tensor, rel_h: &Tensor, rel_w: &Tensor, scale: f64) -> Tensor {
     let (_, h, w, _) = rel_h.size4().expect("rel_h is (BH, h, w, h)");
     let rows = (QUERIES_PER_CHUNK / w).max(1);
     let q = q * scale;
@@ -408,6 +414,19 @@ mod tests {
         let diff = (&transposed - &want).abs().max().double_value(&[]);
         assert_eq!(transposed.size(), want.size());
         assert!(diff < 1e-5, "transposed layout: max abs diff {diff}");
+        // The matrix-product layout in fp32 (the fused query-row kernel on AVX2 CPUs), on a grid
+        // that is not square, so that the key row and column terms cannot be swapped unnoticed.
+        let (h2, w2) = (24, 16);
+        let n2 = h2 * w2;
+        let (q2, k2, v2) = (Tensor::randn([bh, n2, d], opts), Tensor::randn([bh, n2, d], opts), Tensor::randn([bh, n2, d], opts));
+        let (rh2, rw2) = (Tensor::randn([bh, h2, w2, h2], opts), Tensor::randn([bh, h2, w2, w2], opts));
+        let want2 = plain(&q2, &k2, &v2, &rh2, &rw2, scale);
+        let rows = chunked_rel_pos_attention_rows(&q2, &k2, &v2, &rh2, &rw2, scale);
+        let diff = (&rows - &want2).abs().max().double_value(&[]);
+        assert!(diff < 1e-5, "matrix-product layout, fp32: max abs diff {diff}");
+        let transposed2 = chunked_rel_pos_attention_transposed(&q2, &k2, &v2, &rh2, &rw2, scale);
+        let diff = (&transposed2 - &want2).abs().max().double_value(&[]);
+        assert!(diff < 1e-5, "transposed layout, {h2} x {w2}: max abs diff {diff}");
         // The matrix-product layout, taken for other kinds and devices.
         let q16 = q.to_kind(Kind::Double);
         let (k16, v16) = (k.to_kind(Kind::Double), v.to_kind(Kind::Double));

@@ -65,7 +65,13 @@ pub fn bias_softmax_bf16_(logits: &mut Tensor, rel_h: &Tensor, rel_w: &Tensor) -
         let mut row_buf = vec![0f32; h * w];
         for ((row, rh), rw) in out.chunks_exact_mut(h * w).zip(rh.chunks_exact(h)).zip(rw.chunks_exact(w)) {
             // SAFETY: AVX-512F was detected above; the slices have the lengths the kernel expects.
-            unsafe { avx512::bias_softmax_row(row, rh, rw, &mut row_buf) };
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                avx512::bias_softmax_row(row, rh, rw, &mut row_buf)
+            };
+            // Elsewhere `avx512_available` is false, so the path declined above.
+            #[cfg(not(target_arch = "x86_64"))]
+            unreachable!("{:?}", (row.len(), rh.len(), rw.len(), row_buf.len()));
         }
     };
     rows(out, rh, rw);
@@ -88,7 +94,13 @@ pub fn bias_softmax_f32_rows_(logits: &mut Tensor, rel_h: &Tensor, rel_w: &Tenso
     let (h, w) = (h as usize, w as usize);
     for ((row, rh), rw) in out.chunks_exact_mut(h * w).zip(rh.chunks_exact(h)).zip(rw.chunks_exact(w)) {
         // SAFETY: AVX2 and FMA were detected (f32_slices); the lengths are the kernel's.
-        unsafe { avx2::bias_softmax_row(row, rh, rw) };
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            avx2::bias_softmax_row(row, rh, rw)
+        };
+        // Elsewhere `avx2_fma_available` is false, so f32_slices declined.
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("{:?}", (row.len(), rh.len(), rw.len()));
     }
     true
 }
@@ -106,7 +118,13 @@ pub fn bias_softmax_f32_cols_(logits: &mut Tensor, bias_h: &Tensor, bias_w: &Ten
         return false;
     };
     // SAFETY: AVX2 and FMA were detected (f32_slices); the lengths are the kernel's.
-    unsafe { avx2::bias_softmax_cols(out, bh, bw, m as usize) };
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        avx2::bias_softmax_cols(out, bh, bw, m as usize)
+    };
+    // Elsewhere `avx2_fma_available` is false, so f32_slices declined.
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("{:?}", (out.len(), bh.len(), bw.len(), m));
     true
 }
 
@@ -153,7 +171,7 @@ fn f32_slices<'a>(
 /// fp32 lanes per AVX2 register.
 const AVX2_LANES: i64 = 8;
 
-fn avx2_fma_available() -> bool {
+pub(crate) fn avx2_fma_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
@@ -273,12 +291,15 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     /// e^x for x <= 0, as [`super::avx512`]'s (Cephes' expf), with 2^n built in the exponent
-    /// bits. x is clamped at -87 first, so n >= -126 and e^x stays a normal float. A NaN passes
-    /// the clamp (the constant is the first operand, which `max` gives back only for a number)
+    /// bits. x is clamped at -87 first, so n >= -126, and lanes below -87 come out 0 (libtorch
+    /// gives 0 below about -103.3 and tiny subnormals between; keeping subnormals out spares the
+    /// next product slow arithmetic on them). A NaN passes the clamp (the constant is the first
+    /// operand, which `max` gives back only for a number) and the mask (an unordered compare),
     /// and comes out NaN, so a NaN logit spoils its softmax as it does in libtorch.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn exp_nonpositive(x: __m256) -> __m256 {
+        let keep = _mm256_cmp_ps::<_CMP_NLT_UQ>(x, _mm256_set1_ps(-87.0));
         let x = _mm256_max_ps(_mm256_set1_ps(-87.0), x);
         let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
             x,
@@ -293,7 +314,7 @@ mod avx2 {
         let r2 = _mm256_mul_ps(r, r);
         let e = _mm256_add_ps(_mm256_fmadd_ps(p, r2, r), _mm256_set1_ps(1.0));
         let scale = _mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)));
-        _mm256_mul_ps(e, _mm256_castsi256_ps(scale))
+        _mm256_and_ps(_mm256_mul_ps(e, _mm256_castsi256_ps(scale)), keep)
     }
 
     #[inline]
@@ -350,47 +371,56 @@ mod avx2 {
     }
 
     /// Keys as rows, in place: `lt` (h * w keys by m queries) <- its softmax over the keys, each
-    /// key (kh, kw) biased by bh[kh, :] + bw[kw, :]. Eight queries (one vector's worth of
-    /// columns) go through the three passes at a time, so only their 32 bytes of each key row
-    /// (128 KiB for 4096 keys, in L2) are touched until they are done, and the running max and
-    /// sum stay in registers.
+    /// key (kh, kw) biased by bh[kh, :] + bw[kw, :]. Three passes, each reading the key rows in
+    /// memory order (all m queries of a row are contiguous), with the m running maxima and sums
+    /// in two small buffers (1 KiB each for 256 queries, in L1). Walking the columns a vector's
+    /// worth at a time instead touched one cache line per 1 KiB row stride, which maps a chunk's
+    /// 4096 rows onto a few cache sets: every pass then came from beyond L2.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn bias_softmax_cols(lt: &mut [f32], bh: &[f32], bw: &[f32], m: usize) {
         let (h, w) = (bh.len() / m, bw.len() / m);
         let n = h * w;
         debug_assert!(lt.len() == n * m && bh.len() == h * m && bw.len() == w * m && m % 8 == 0);
-        let (lp, hp, wp) = (lt.as_mut_ptr(), bh.as_ptr(), bw.as_ptr());
-        for q in (0..m).step_by(8) {
-            let mut vmax = _mm256_set1_ps(f32::NEG_INFINITY);
-            for kh in 0..h {
-                // SAFETY: kh * m + q + 8 <= h * m = bh.len().
-                let bias_h = unsafe { _mm256_loadu_ps(hp.add(kh * m + q)) };
-                for kw in 0..w {
-                    // SAFETY: (kh * w + kw) * m + q + 8 <= n * m = lt.len(); kw * m + q + 8 <= bw.len().
+        let mut max = vec![f32::NEG_INFINITY; m];
+        let mut sum = vec![0f32; m];
+        let (lp, hp, wp, xp, sp) = (lt.as_mut_ptr(), bh.as_ptr(), bw.as_ptr(), max.as_mut_ptr(), sum.as_mut_ptr());
+        for kh in 0..h {
+            for kw in 0..w {
+                for q in (0..m).step_by(8) {
+                    // SAFETY: (kh * w + kw) * m + q + 8 <= n * m = lt.len(), kh * m + q + 8 <=
+                    // bh.len(), kw * m + q + 8 <= bw.len(), q + 8 <= m = max.len().
                     unsafe {
                         let p = lp.add((kh * w + kw) * m + q);
-                        let s = _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(p), bias_h), _mm256_loadu_ps(wp.add(kw * m + q)));
+                        // In the fallback's order: (logit + row term) + column term.
+                        let s = _mm256_add_ps(_mm256_loadu_ps(p), _mm256_loadu_ps(hp.add(kh * m + q)));
+                        let s = _mm256_add_ps(s, _mm256_loadu_ps(wp.add(kw * m + q)));
                         _mm256_storeu_ps(p, s);
-                        vmax = _mm256_max_ps(vmax, s);
+                        _mm256_storeu_ps(xp.add(q), _mm256_max_ps(_mm256_loadu_ps(xp.add(q)), s));
                     }
                 }
             }
-            let mut vsum = _mm256_setzero_ps();
-            for k in 0..n {
-                // SAFETY: k * m + q + 8 <= n * m.
+        }
+        for k in 0..n {
+            for q in (0..m).step_by(8) {
+                // SAFETY: k * m + q + 8 <= n * m; q + 8 <= m = max.len() = sum.len().
                 unsafe {
                     let p = lp.add(k * m + q);
-                    let e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(p), vmax));
+                    let e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(p), _mm256_loadu_ps(xp.add(q))));
                     _mm256_storeu_ps(p, e);
-                    vsum = _mm256_add_ps(vsum, e);
+                    _mm256_storeu_ps(sp.add(q), _mm256_add_ps(_mm256_loadu_ps(sp.add(q)), e));
                 }
             }
-            let inv = _mm256_div_ps(_mm256_set1_ps(1.0), vsum);
-            for k in 0..n {
-                // SAFETY: k * m + q + 8 <= n * m.
+        }
+        for s in sum.iter_mut() {
+            *s = 1.0 / *s;
+        }
+        let ip = sum.as_ptr();
+        for k in 0..n {
+            for q in (0..m).step_by(8) {
+                // SAFETY: k * m + q + 8 <= n * m; q + 8 <= m = sum.len().
                 unsafe {
                     let p = lp.add(k * m + q);
-                    _mm256_storeu_ps(p, _mm256_mul_ps(_mm256_loadu_ps(p), inv));
+                    _mm256_storeu_ps(p, _mm256_mul_ps(_mm256_loadu_ps(p), _mm256_loadu_ps(ip.add(q))));
                 }
             }
         }
@@ -495,6 +525,43 @@ mod tests {
         }
     }
 
+    /// softmax(logits) by both fp32 kernels with zero biases, in the logits' (M, h * w) layout.
+    fn unbiased_in_both_layouts(logits: &Tensor, h: i64, w: i64) -> [(Tensor, &'static str); 2] {
+        let m = logits.size()[0];
+        let zeros = |rows, cols| Tensor::zeros([rows, cols], (Kind::Float, Device::Cpu));
+        let mut rows = logits.copy();
+        assert!(bias_softmax_f32_rows_(&mut rows, &zeros(m, h), &zeros(m, w)));
+        let mut cols = logits.transpose(0, 1).contiguous();
+        assert!(bias_softmax_f32_cols_(&mut cols, &zeros(h, m), &zeros(w, m)));
+        [(rows, "rows"), (cols.transpose(0, 1).contiguous(), "cols")]
+    }
+
+    /// Keys far below the row's maximum (beyond the clamp at -87) get exactly 0, as libtorch
+    /// gives them below about -103; between, both are within 1e-37 of 0.
+    #[test]
+    fn fp32_kernels_give_zero_far_below_the_maximum() {
+        if !avx2_fma_available() {
+            return;
+        }
+        let (m, h, w) = (8, 2, 8);
+        let row = [0.0f32, -1000.0, -200.0, -104.0, -95.0, -87.5, -86.0, -1.0, 0.5, -3.0, -300.0, -88.0, 2.0, -50.0, -120.0, -10.0];
+        let logits = Tensor::from_slice(&row).view([1, h * w]).expand([m, h * w], false).contiguous();
+        let want = logits.softmax(-1, Kind::Float);
+        for (got, what) in unbiased_in_both_layouts(&logits, h, w) {
+            let got_row = Vec::<f32>::try_from(got.get(0)).unwrap();
+            let want_row = Vec::<f32>::try_from(want.get(0)).unwrap();
+            for (i, (&x, (&g, &wv))) in row.iter().zip(got_row.iter().zip(&want_row)).enumerate() {
+                // The logits are relative to the row's maximum, 2.0.
+                if x - 2.0 < -87.0 {
+                    assert_eq!(g, 0.0, "{what}: key {i} ({x}) is exactly 0");
+                    assert!(wv < 1e-37, "libtorch's is {wv}");
+                } else {
+                    assert!((g - wv).abs() <= 1e-6 * wv.max(1e-30) + 1e-12, "{what}: key {i}: {g} against {wv}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn fp32_kernels_let_a_nan_through_as_libtorch_does() {
         if !avx2_fma_available() {
@@ -502,14 +569,9 @@ mod tests {
         }
         let f = (Kind::Float, Device::Cpu);
         let (m, h, w) = (8, 2, 8);
-        let mut logits = Tensor::zeros([m, h * w], f);
+        let logits = Tensor::zeros([m, h * w], f);
         let _ = logits.get(3).get(5).fill_(f64::NAN);
-        let zeros = |n| Tensor::zeros([m, n], f);
-        let mut rows = logits.copy();
-        assert!(bias_softmax_f32_rows_(&mut rows, &zeros(h), &zeros(w)));
-        let mut cols = logits.transpose(0, 1).contiguous();
-        assert!(bias_softmax_f32_cols_(&mut cols, &zeros(h).transpose(0, 1).contiguous(), &zeros(w).transpose(0, 1).contiguous()));
-        for (got, what) in [(rows, "rows"), (cols.transpose(0, 1), "cols")] {
+        for (got, what) in unbiased_in_both_layouts(&logits, h, w) {
             let nan_rows = got.isnan().any_dim(-1, false);
             let want = Tensor::from_slice(&[false, false, false, true, false, false, false, false]);
             assert!(nan_rows.equal(&want), "{what}: only the row with the NaN is NaN: {nan_rows:?}");
@@ -527,6 +589,7 @@ mod tests {
         assert_eq!(odd.sum(Kind::Float).double_value(&[]), 80.0);
         let mut odd_cols = Tensor::ones([4 * 8, 6], f);
         assert!(!bias_softmax_f32_cols_(&mut odd_cols, &Tensor::zeros([4, 6], f), &Tensor::zeros([8, 6], f)));
+        assert_eq!(odd_cols.sum(Kind::Float).double_value(&[]), 192.0);
         // bf16, shapes that do not agree, a non-contiguous output.
         let bf = (Kind::BFloat16, Device::Cpu);
         assert!(!bias_softmax_f32_rows_(&mut Tensor::ones([2, 64], bf), &Tensor::zeros([2, 4], bf), &Tensor::zeros([2, 16], bf)));

@@ -8,6 +8,7 @@
 //! its output once, shared over the intra-op threads. Inference only: tensors tracked by autograd
 //! are declined (None), and the caller takes libtorch's ops.
 
+use std::sync::Mutex;
 use tch::{Device, Kind, Tensor};
 
 /// `a[..., :, None] + b[..., None, :]`: a (R, h) and b (R, w) fp32 give (R, h, w), each sum
@@ -31,18 +32,14 @@ pub fn outer_sum(a: &Tensor, b: &Tensor) -> Option<Tensor> {
         )
     };
     let rows_per_thread = r.div_ceil(threads());
-    std::thread::scope(|scope| {
-        let parts = ov.chunks_mut(rows_per_thread * h * w).zip(av.chunks(rows_per_thread * h)).zip(bv.chunks(rows_per_thread * w));
-        for ((ov, av), bv) in parts {
-            scope.spawn(move || {
-                for ((out_row, a_row), b_row) in ov.chunks_exact_mut(h * w).zip(av.chunks_exact(h)).zip(bv.chunks_exact(w)) {
-                    for (o, &ai) in out_row.chunks_exact_mut(w).zip(a_row) {
-                        for (x, &bj) in o.iter_mut().zip(b_row) {
-                            *x = ai + bj;
-                        }
-                    }
+    let parts = ov.chunks_mut(rows_per_thread * h * w).zip(av.chunks(rows_per_thread * h)).zip(bv.chunks(rows_per_thread * w));
+    share_out(parts.collect(), |((ov, av), bv)| {
+        for ((out_row, a_row), b_row) in ov.chunks_exact_mut(h * w).zip(av.chunks_exact(h)).zip(bv.chunks_exact(w)) {
+            for (o, &ai) in out_row.chunks_exact_mut(w).zip(a_row) {
+                for (x, &bj) in o.iter_mut().zip(b_row) {
+                    *x = ai + bj;
                 }
-            });
+            }
         }
     });
     Some(out)
@@ -78,27 +75,23 @@ pub fn partition_padded(x: &Tensor, ws: i64, fill: &Tensor) -> Option<Tensor> {
         )
     };
     let tokens_per_thread = out_tokens.div_ceil(threads());
-    std::thread::scope(|scope| {
-        for (part, os) in os.chunks_mut(tokens_per_thread * token).enumerate() {
-            scope.spawn(move || {
-                for (i, dst) in os.chunks_exact_mut(token).enumerate() {
-                    // Output token t is (image, window row, window column, row, column) in
-                    // that order, each index running over its size.
-                    let t = part * tokens_per_thread + i;
-                    let (col, t) = (t % ws, t / ws);
-                    let (row, t) = (t % ws, t / ws);
-                    let (win_x, t) = (t % nw, t / nw);
-                    let (win_y, image) = (t % nh, t / nh);
-                    let (y, x) = (win_y * ws + row, win_x * ws + col);
-                    let src = if y < h && x < w {
-                        let start = ((image * h + y) * w + x) * token;
-                        &xs[start..start + token]
-                    } else {
-                        fs
-                    };
-                    dst.copy_from_slice(src);
-                }
-            });
+    share_out(os.chunks_mut(tokens_per_thread * token).enumerate().collect(), |(part, os)| {
+        for (i, dst) in os.chunks_exact_mut(token).enumerate() {
+            // Output token t is (image, window row, window column, row, column) in that order,
+            // each index running over its size.
+            let t = part * tokens_per_thread + i;
+            let (col, t) = (t % ws, t / ws);
+            let (row, t) = (t % ws, t / ws);
+            let (win_x, t) = (t % nw, t / nw);
+            let (win_y, image) = (t % nh, t / nh);
+            let (y, x) = (win_y * ws + row, win_x * ws + col);
+            let src = if y < h && x < w {
+                let start = ((image * h + y) * w + x) * token;
+                &xs[start..start + token]
+            } else {
+                fs
+            };
+            dst.copy_from_slice(src);
         }
     });
     Some(out)
@@ -108,6 +101,30 @@ pub fn partition_padded(x: &Tensor, ws: i64, fill: &Tensor) -> Option<Tensor> {
 /// attention's per-head threads and the decoder threads, which set it so).
 fn threads() -> usize {
     tch::get_num_threads().max(1) as usize
+}
+
+/// Runs `work` on each part: the first on the calling thread, the others on scoped threads
+/// (inline where the OS will not start one, as the attention's head threads do).
+fn share_out<T: Send>(parts: Vec<T>, work: impl Fn(T) + Sync) {
+    let slots: Vec<Mutex<Option<T>>> = parts.into_iter().map(|p| Mutex::new(Some(p))).collect();
+    let run = |slot: &Mutex<Option<T>>| {
+        if let Some(part) = slot.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            work(part)
+        }
+    };
+    let run = &run;
+    let Some((first, rest)) = slots.split_first() else {
+        return;
+    };
+    std::thread::scope(|scope| {
+        for slot in rest {
+            // A thread that did not start left its part in the slot.
+            if std::thread::Builder::new().spawn_scoped(scope, move || run(slot)).is_err() {
+                run(slot);
+            }
+        }
+        run(first);
+    });
 }
 
 #[cfg(test)]
