@@ -217,8 +217,8 @@ fn by_heads(q: &Tensor, k: &Tensor, v: &Tensor, rel_h: &Tensor, rel_w: &Tensor, 
 /// ([`super::common::products_as_conv`]), with both products as 1x1 convolutions (oneDNN)
 /// instead of matrix products (MKL, which on the AMD build machine ran at about half the
 /// speed). Each chunk's logits come out transposed, keys x queries: the keys are the convolution's pixels and the chunk's queries its filters.
-/// The bias is added and the softmax taken over the keys in that layout (fused, eight queries at
-/// a time, on AVX2 CPUs: [`bias_softmax_f32_cols_`]), and the transposed
+/// The bias is added and the softmax taken over the keys in that layout (fused on AVX2 CPUs:
+/// [`bias_softmax_f32_cols_`]), and the transposed
 /// probabilities are the next convolution's input as they are (keys as channels). A vit_b head
 /// chunk took 1.31 ms this way against 1.76 ms.
 fn chunked_rel_pos_attention_transposed(q: &Tensor, k: &Tensor, v: &Tensor, rel_h: &Tensor, rel_w: &Tensor, scale: f64) -> Tensor {

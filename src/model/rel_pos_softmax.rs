@@ -25,56 +25,22 @@ pub fn bias_softmax_bf16_(logits: &mut Tensor, rel_h: &Tensor, rel_w: &Tensor) -
     let (Ok((m, n)), Ok((mh, h)), Ok((mw, w))) = (logits.size2(), rel_h.size2(), rel_w.size2()) else {
         return false;
     };
-    let tensors = [&*logits, rel_h, rel_w];
-    let applies = tensors
-        .iter()
-        .all(|t| t.device() == Device::Cpu && t.kind() == Kind::BFloat16 && t.is_contiguous() && !t.requires_grad())
-        && mh == m
-        && mw == m
-        && n == h * w
-        && h > 0
-        && w > 0
-        && w % LANES == 0
-        && w <= MAX_ROW_WIDTH
-        && avx512_available();
-    if !applies || m == 0 {
-        return applies;
-    }
-    let (m, h, w) = (m as usize, h as usize, w as usize);
-    // The slices below must not overlap: a `&mut Tensor` does not own its storage, so views of
-    // one storage could be passed. Declined rather than trusted.
-    let range = |t: &Tensor, len: usize| {
-        let start = t.data_ptr() as usize;
-        start..start + 2 * len
-    };
-    let out_range = range(logits, m * h * w);
-    if [range(rel_h, m * h), range(rel_w, m * w)].iter().any(|r| r.start < out_range.end && out_range.start < r.end) {
+    let applies = mh == m && mw == m && n == h * w && h > 0 && w > 0 && w % LANES == 0 && w <= MAX_ROW_WIDTH;
+    let Some((out, rh, rw)) = kernel_slices::<u16>(Kind::BFloat16, applies && avx512_available(), logits, rel_h, rel_w) else {
         return false;
+    };
+    let (h, w) = (h as usize, w as usize);
+    let mut row_buf = vec![0f32; h * w];
+    for ((row, rh), rw) in out.chunks_exact_mut(h * w).zip(rh.chunks_exact(h)).zip(rw.chunks_exact(w)) {
+        // SAFETY: AVX-512F was detected above; the slices have the lengths the kernel expects.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            avx512::bias_softmax_row(row, rh, rw, &mut row_buf)
+        };
+        // Elsewhere `avx512_available` is false, so kernel_slices was not asked.
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("{:?}", (row.len(), rh.len(), rw.len(), row_buf.len()));
     }
-    // SAFETY: the three tensors are contiguous bf16 (u16-sized) CPU tensors of the checked
-    // shapes, so these slices cover exactly their elements (data_ptr includes the storage
-    // offset), and the mutable one overlaps neither of the others (checked above).
-    let (out, rh, rw) = unsafe {
-        (
-            std::slice::from_raw_parts_mut(logits.data_ptr() as *mut u16, m * h * w),
-            std::slice::from_raw_parts(rel_h.data_ptr() as *const u16, m * h),
-            std::slice::from_raw_parts(rel_w.data_ptr() as *const u16, m * w),
-        )
-    };
-    let rows = |out: &mut [u16], rh: &[u16], rw: &[u16]| {
-        let mut row_buf = vec![0f32; h * w];
-        for ((row, rh), rw) in out.chunks_exact_mut(h * w).zip(rh.chunks_exact(h)).zip(rw.chunks_exact(w)) {
-            // SAFETY: AVX-512F was detected above; the slices have the lengths the kernel expects.
-            #[cfg(target_arch = "x86_64")]
-            unsafe {
-                avx512::bias_softmax_row(row, rh, rw, &mut row_buf)
-            };
-            // Elsewhere `avx512_available` is false, so the path declined above.
-            #[cfg(not(target_arch = "x86_64"))]
-            unreachable!("{:?}", (row.len(), rh.len(), rw.len(), row_buf.len()));
-        }
-    };
-    rows(out, rh, rw);
     true
 }
 
@@ -88,17 +54,17 @@ pub fn bias_softmax_f32_rows_(logits: &mut Tensor, rel_h: &Tensor, rel_w: &Tenso
         return false;
     };
     let applies = mh == m && mw == m && n == h * w && h > 0 && w > 0 && w % AVX2_LANES == 0;
-    let Some((out, rh, rw)) = f32_slices(applies, logits, rel_h, rel_w) else {
+    let Some((out, rh, rw)) = kernel_slices::<f32>(Kind::Float, applies && avx2_fma_available(), logits, rel_h, rel_w) else {
         return false;
     };
     let (h, w) = (h as usize, w as usize);
     for ((row, rh), rw) in out.chunks_exact_mut(h * w).zip(rh.chunks_exact(h)).zip(rw.chunks_exact(w)) {
-        // SAFETY: AVX2 and FMA were detected (f32_slices); the lengths are the kernel's.
+        // SAFETY: AVX2 and FMA were detected (checked before kernel_slices); the lengths are the kernel's.
         #[cfg(target_arch = "x86_64")]
         unsafe {
             avx2::bias_softmax_row(row, rh, rw)
         };
-        // Elsewhere `avx2_fma_available` is false, so f32_slices declined.
+        // Elsewhere `avx2_fma_available` is false, so kernel_slices was not asked.
         #[cfg(not(target_arch = "x86_64"))]
         unreachable!("{:?}", (row.len(), rh.len(), rw.len()));
     }
@@ -114,33 +80,40 @@ pub fn bias_softmax_f32_cols_(logits: &mut Tensor, bias_h: &Tensor, bias_w: &Ten
         return false;
     };
     let applies = mh == m && mw == m && n == h * w && h > 0 && w > 0 && m % AVX2_LANES == 0;
-    let Some((out, bh, bw)) = f32_slices(applies, logits, bias_h, bias_w) else {
+    let Some((out, bh, bw)) = kernel_slices::<f32>(Kind::Float, applies && avx2_fma_available(), logits, bias_h, bias_w) else {
         return false;
     };
-    // SAFETY: AVX2 and FMA were detected (f32_slices); the lengths are the kernel's.
+    // SAFETY: AVX2 and FMA were detected (checked before kernel_slices); the lengths are the kernel's.
     #[cfg(target_arch = "x86_64")]
     unsafe {
         avx2::bias_softmax_cols(out, bh, bw, m as usize)
     };
-    // Elsewhere `avx2_fma_available` is false, so f32_slices declined.
+    // Elsewhere `avx2_fma_available` is false, so kernel_slices was not asked.
     #[cfg(not(target_arch = "x86_64"))]
     unreachable!("{:?}", (out.len(), bh.len(), bw.len(), m));
     true
 }
 
-/// The three tensors as slices when the fp32 kernels apply: `shapes_ok` (checked by the caller),
-/// all fp32 contiguous CPU tensors outside autograd, the output overlapping neither bias, and a
-/// CPU with AVX2 and FMA. None for an empty output too (nothing to do, but also nothing done:
-/// the caller's ops handle it).
+/// Whether `t` is what the kernels read and write: a contiguous CPU tensor of `kind` outside
+/// autograd (writing in place would corrupt a graph).
+pub(super) fn fits(t: &Tensor, kind: Kind) -> bool {
+    t.device() == Device::Cpu && t.kind() == kind && t.is_contiguous() && !t.requires_grad()
+}
+
+/// The three tensors as slices of `T` (`kind`'s element: u16 for bf16, f32) when a kernel
+/// applies: `applies` (the shapes and the CPU, checked by the caller), all three [`fits`], and
+/// the output overlapping neither bias (a `&mut Tensor` does not own its storage, so views of
+/// one storage could be passed: declined rather than trusted). None for an empty output too.
 #[allow(clippy::type_complexity)]
-fn f32_slices<'a>(
-    shapes_ok: bool,
+fn kernel_slices<'a, T>(
+    kind: Kind,
+    applies: bool,
     out: &'a mut Tensor,
     a: &'a Tensor,
     b: &'a Tensor,
-) -> Option<(&'a mut [f32], &'a [f32], &'a [f32])> {
-    let fits = |t: &Tensor| t.device() == Device::Cpu && t.kind() == Kind::Float && t.is_contiguous() && !t.requires_grad();
-    if !(shapes_ok && fits(out) && fits(a) && fits(b) && avx2_fma_available()) {
+) -> Option<(&'a mut [T], &'a [T], &'a [T])> {
+    debug_assert_eq!(kind.elt_size_in_bytes(), std::mem::size_of::<T>());
+    if !(applies && fits(out, kind) && fits(a, kind) && fits(b, kind)) {
         return None;
     }
     let len = |t: &Tensor| t.size().iter().product::<i64>() as usize;
@@ -150,20 +123,20 @@ fn f32_slices<'a>(
     }
     let range = |t: &Tensor, len: usize| {
         let start = t.data_ptr() as usize;
-        start..start + 4 * len
+        start..start + std::mem::size_of::<T>() * len
     };
     let out_range = range(out, n_out);
     if [range(a, n_a), range(b, n_b)].iter().any(|r| r.start < out_range.end && out_range.start < r.end) {
         return None;
     }
-    // SAFETY: contiguous fp32 CPU tensors of these element counts (data_ptr includes the storage
-    // offset); the mutable slice overlaps neither of the others (checked above), and the
-    // borrows keep the tensors alive for the slices' lifetime.
+    // SAFETY: contiguous CPU tensors of `kind`, whose elements are T-sized, of these element
+    // counts (data_ptr includes the storage offset); the mutable slice overlaps neither of the
+    // others (checked above), and the borrows keep the tensors alive for the slices' lifetime.
     unsafe {
         Some((
-            std::slice::from_raw_parts_mut(out.data_ptr() as *mut f32, n_out),
-            std::slice::from_raw_parts(a.data_ptr() as *const f32, n_a),
-            std::slice::from_raw_parts(b.data_ptr() as *const f32, n_b),
+            std::slice::from_raw_parts_mut(out.data_ptr() as *mut T, n_out),
+            std::slice::from_raw_parts(a.data_ptr() as *const T, n_a),
+            std::slice::from_raw_parts(b.data_ptr() as *const T, n_b),
         ))
     }
 }

@@ -1,12 +1,12 @@
 //! Two memory-bound steps of the windowed attention blocks, done in one pass on the CPU.
 //!
-//! Timed with libtorch on the AVX2 build machine for one vit_b windowed block (25 windows of
-//! 14 x 14 tokens, 12 heads): the relative-position bias as a broadcast addition,
-//! (R, 14, 1) + (R, 1, 14), took 38 ms, more than the block's output projection (27 ms), because
-//! libtorch's loop over a 14-wide inner axis barely vectorises; padding the qkv tokens to whole
-//! windows and partitioning them took 17 + 16 ms as two copies. Here each is one pass that writes
-//! its output once, shared over the intra-op threads. Inference only: tensors tracked by autograd
-//! are declined (None), and the caller takes libtorch's ops.
+//! In libtorch the relative-position bias of each window is a broadcast addition,
+//! (R, 14, 1) + (R, 1, 14), whose 14-wide inner axis barely vectorises, and padding the qkv
+//! tokens to whole windows and partitioning them are two copies. Here each is one pass that
+//! writes its output once, shared over the intra-op threads. Timed alone in PyTorch on the AVX2
+//! build machine they looked like 38 and 17 + 16 ms of a vit_b windowed block; inside the
+//! embedding the gain was about 2% (BENCHMARKS.md, sixteenth session). Inference only: tensors
+//! tracked by autograd are declined (None), and the caller takes libtorch's ops.
 
 use std::sync::Mutex;
 use tch::{Device, Kind, Tensor};
@@ -16,7 +16,7 @@ use tch::{Device, Kind, Tensor};
 /// where it does not apply: not fp32 contiguous CPU tensors of agreeing shapes, or autograd.
 pub fn outer_sum(a: &Tensor, b: &Tensor) -> Option<Tensor> {
     let ((r, h), (rb, w)) = (a.size2().ok()?, b.size2().ok()?);
-    let fits = |t: &Tensor| t.device() == Device::Cpu && t.kind() == Kind::Float && t.is_contiguous() && !t.requires_grad();
+    let fits = |t: &Tensor| super::rel_pos_softmax::fits(t, Kind::Float);
     if rb != r || !fits(a) || !fits(b) || r == 0 || h == 0 || w == 0 {
         return None;
     }
