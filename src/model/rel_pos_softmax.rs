@@ -144,7 +144,7 @@ fn kernel_slices<'a, T>(
 /// fp32 lanes per AVX2 register.
 const AVX2_LANES: i64 = 8;
 
-pub(crate) fn avx2_fma_available() -> bool {
+fn avx2_fma_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
